@@ -1,0 +1,154 @@
+"""Invertible one-step maps on a state pair, written as additive couplings.
+
+Every reversible architecture in the library is a sequence of *steps*; every step acts on a
+pair of tensors ``s = (s0, s1)`` of the same shape and is a short list of **couplings**
+
+    s[t] <- alpha * s[t] + shift * s[o] + phi(s[o], *args),        o = 1 - t,
+
+applied in order, followed by an optional swap ``(s0, s1) <- (s1, s0)``. ``alpha`` is a nonzero
+scalar (a float or a 0-dim tensor that may require grad), ``shift`` a small integer and ``phi``
+any function of the *other* slot (``None`` means zero). A coupling is invertible whatever
+``phi`` is:
+
+    s[t] <- (s[t] - shift * s[o] - phi(s[o], *args)) / alpha.
+
+Writing a step this way is all an architecture has to do: the forward step, the inverse step,
+the memory-saving backward pass and the bit-exact fixed-point mode (``mode.exact``) all follow
+from the couplings (``mode.reversible`` runs them). ``shift`` is kept apart from ``phi``
+because an integer multiple of a fixed-point state is exact, while ``phi`` is rounded.
+
+Examples (DESIGN.md section 1)::
+
+    momentum   (x, v):   v <- gamma v + (1 - gamma) f(x);   x <- x + v
+    RevNet     (x1, x2): x1 <- x1 + F(x2);                  x2 <- x2 + G(x1)
+    leapfrog   (Y_{j-1}, Y_j): Y_{j-1} <- -Y_{j-1} + 2 Y_j - h^2 g(Y_j), then swap
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .conventions import check_gamma
+
+__all__ = ["Coupling", "ReversibleStep", "MomentumStep", "apply_step", "invert_step"]
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class Coupling(NamedTuple):
+    """``s[target] <- alpha * s[target] + shift * s[1 - target] + phi(s[1 - target], *args)``."""
+
+    target: int
+    alpha: float | torch.Tensor = 1.0
+    shift: int = 0
+    phi: Callable[..., torch.Tensor] | None = None
+
+
+def _alpha_value(alpha: float | torch.Tensor) -> float:
+    return float(alpha.detach()) if isinstance(alpha, torch.Tensor) else float(alpha)
+
+
+class ReversibleStep(nn.Module):
+    """One invertible map ``(s0, s1) -> (s0', s1')`` given by :meth:`couplings`.
+
+    Subclasses implement :meth:`couplings` (and set ``swap = True`` if the pair is exchanged
+    at the end). ``forward`` and ``inverse`` are derived; ``mode.reversible.integrate`` runs
+    a sequence of steps with depth-independent memory and, optionally, bit-exact arithmetic.
+    """
+
+    swap: bool = False
+
+    def couplings(self) -> Sequence[Coupling]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
+        return apply_step(self, (s0, s1), args)
+
+    def inverse(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
+        return invert_step(self, (s0, s1), args)
+
+
+def _check_phi_output(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"a residual function must return a tensor, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(
+            f"a residual function changed the shape of its input: {tuple(like.shape)} -> "
+            f"{tuple(out.shape)}; residual functions must map x to a tensor of x's shape"
+        )
+    return out
+
+
+def apply_step(step: ReversibleStep, state: State, args: tuple = ()) -> State:
+    """Run one step forward in ordinary (differentiable) float arithmetic."""
+    s = list(state)
+    for c in step.couplings():
+        other = s[1 - c.target]
+        new = s[c.target] * c.alpha if _alpha_value(c.alpha) != 1.0 else s[c.target]
+        if c.shift:
+            new = new + c.shift * other
+        if c.phi is not None:
+            new = new + _check_phi_output(c.phi(other, *args), other)
+        s[c.target] = new
+    return (s[1], s[0]) if step.swap else (s[0], s[1])
+
+
+def invert_step(step: ReversibleStep, state: State, args: tuple = ()) -> State:
+    """Undo :func:`apply_step` in float arithmetic (couplings in reverse order)."""
+    s = list(state)
+    if step.swap:
+        s = [s[1], s[0]]
+    for c in reversed(step.couplings()):
+        a = _alpha_value(c.alpha)
+        if a == 0.0:
+            raise ValueError(
+                "cannot invert a coupling with alpha = 0 (for a momentum step: gamma = 0 is a "
+                "plain ResNet, which has no inverse)"
+            )
+        other = s[1 - c.target]
+        new = s[c.target]
+        if c.shift:
+            new = new - c.shift * other
+        if c.phi is not None:
+            new = new - _check_phi_output(c.phi(other, *args), other)
+        s[c.target] = new / c.alpha if a != 1.0 else new
+    return s[0], s[1]
+
+
+class MomentumStep(ReversibleStep):
+    """One Momentum ResNet layer on the state ``(x, v)``.
+
+        v <- gamma v + (1 - gamma) f(x, *args)
+        x <- x + v
+
+    Parameters
+    ----------
+    function : callable
+        The residual function ``f(x, *args)``; must return a tensor of ``x``'s shape.
+    gamma : float or 0-dim tensor
+        Momentum in ``[0, 1]``; a tensor (e.g. an ``nn.Parameter``) may be learned.
+    """
+
+    def __init__(self, function: Callable[..., torch.Tensor], gamma: float | torch.Tensor):
+        super().__init__()
+        check_gamma(gamma)
+        self.function = function
+        self.gamma = gamma
+
+    def _increment(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return (1 - self.gamma) * _check_phi_output(self.function(x, *args), x)
+
+    def couplings(self) -> Sequence[Coupling]:
+        return (
+            Coupling(target=1, alpha=self.gamma, phi=self._increment),
+            Coupling(target=0, alpha=1.0, shift=1),
+        )
+
+    def extra_repr(self) -> str:
+        g = _alpha_value(self.gamma)
+        learn = isinstance(self.gamma, torch.Tensor) and self.gamma.requires_grad
+        return f"gamma={g:g}{' (learned)' if learn else ''}"
