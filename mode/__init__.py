@@ -9,7 +9,9 @@ A model is a vector field, an integrator and a gradient strategy:
 - :mod:`mode.networks` -- ``nn.Module`` front ends (``MomentumResNet``, ...).
 """
 
+from . import exact, reversible
 from .conventions import eps_to_gamma, gamma_to_eps
+from .networks import MomentumResNet, ReversibleNet
 from .steps import Coupling, MomentumStep, ReversibleStep
 
 __version__ = "0.1.0"
@@ -21,4 +23,8 @@ __all__ = [
     "Coupling",
     "ReversibleStep",
     "MomentumStep",
+    "MomentumResNet",
+    "ReversibleNet",
+    "exact",
+    "reversible",
 ]

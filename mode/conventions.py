@@ -77,7 +77,9 @@ def gamma_to_eps(
     return horizon / (depth * (1.0 - gamma))
 
 
-def eps_to_gamma(eps: float | torch.Tensor, depth: int, horizon: float = 1.0) -> float | torch.Tensor:
+def eps_to_gamma(
+    eps: float | torch.Tensor, depth: int, horizon: float = 1.0
+) -> float | torch.Tensor:
     """Momentum ``gamma = 1 - horizon / (depth eps)`` of ``depth`` steps for the mass ``eps > 0``.
 
     The step ``eta = horizon / depth`` must satisfy ``eps >= eta``: a smaller ``eps`` would need

@@ -1,0 +1,216 @@
+"""Fixed-point arithmetic and the information buffer that make reversal bit-exact.
+
+Float inversion of a momentum layer divides by ``gamma``, so rounding errors grow like
+``gamma^-N``. In exact mode a state ``s`` is held as an int64 ``q = round(s 2^F)`` with ``F``
+fractional bits, and every operation of a coupling is an exact bijection on integers:
+
+* ``+ shift * other`` and ``+ Q(phi(other))`` are integer additions, undone by subtraction
+  (``Q(y) = round(y 2^F)`` is evaluated on the float value of the fixed-point ``other``, so the
+  forward and the inverse see bit-identical inputs);
+* ``* alpha`` with ``alpha = +-n/d`` (a rational, ``d <= MAX_DENOMINATOR``) maps ``q`` to
+  ``q' = floor(q n / d)``. The map is many-to-one; its fibre
+  ``{q : floor(q n / d) = q'} = [ceil(q' d / n), ceil((q' + 1) d / n))`` has ``b`` elements
+  (``b = floor(d/n)`` or ``ceil(d/n)``), and the position ``k`` of ``q`` in it is pushed onto an
+  :class:`InformationBuffer` as a base-``b`` digit. The inverse pops ``k`` and returns
+  ``ceil(q' d / n) + k``.
+
+Rounding is floor division with its matching non-negative remainder throughout. The buffer
+stores ``log2 b`` bits per scalar per multiplication (on average about ``log2(d / n)``), grows
+as needed and never wraps; a state that leaves the representable range raises
+:class:`FixedPointOverflow` instead of wrapping.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "DEFAULT_FRAC_BITS",
+    "MAX_DENOMINATOR",
+    "FixedPointOverflow",
+    "FixedPoint",
+    "InformationBuffer",
+    "rational",
+]
+
+DEFAULT_FRAC_BITS = 32
+MAX_DENOMINATOR = 2**16
+# |q| < 2**STATE_BITS keeps q * n (n <= MAX_DENOMINATOR) and small shifts inside int64.
+STATE_BITS = 62 - 16
+_WORD_LIMIT = 2**62  # a buffer word w always satisfies 1 <= w <= _WORD_LIMIT
+
+
+class FixedPointOverflow(ValueError):
+    """A state left the range of the fixed-point representation (it is never wrapped)."""
+
+
+@lru_cache(maxsize=4096)
+def rational(alpha: float) -> tuple[int, int, int]:
+    """``alpha ~ sign * n / d`` with ``d <= MAX_DENOMINATOR``: returns ``(sign, n, d)``.
+
+    Simple fractions (0.9 = 9/10, 0.99 = 99/100) are exact; otherwise the closest fraction
+    with a bounded denominator is used (``|alpha - n/d| < 1 / (d MAX_DENOMINATOR)``).
+    """
+    if not math.isfinite(alpha) or alpha == 0.0:
+        raise ValueError(f"exact mode needs a finite nonzero multiplier, got {alpha}")
+    frac = Fraction(abs(alpha)).limit_denominator(MAX_DENOMINATOR)
+    if frac == 0:
+        raise ValueError(
+            f"multiplier {alpha} is below 1/{MAX_DENOMINATOR}, the resolution of exact mode"
+        )
+    if frac > 1:
+        raise ValueError(f"exact mode needs |multiplier| <= 1, got {alpha}")
+    return (1 if alpha > 0 else -1), frac.numerator, frac.denominator
+
+
+class FixedPoint:
+    """Conversion between floats and int64 fixed point with ``frac_bits`` fractional bits.
+
+    ``encode(x) = round(x 2^F)`` (computed in float64), ``decode(q) = q 2^-F`` cast back to the
+    float dtype of the model. Representable magnitudes are below ``2^(STATE_BITS - F)``.
+    """
+
+    def __init__(self, frac_bits: int = DEFAULT_FRAC_BITS):
+        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
+            raise TypeError(f"frac_bits must be an int, got {frac_bits!r}")
+        if not 8 <= frac_bits <= STATE_BITS - 4:
+            raise ValueError(f"frac_bits must lie in [8, {STATE_BITS - 4}], got {frac_bits}")
+        self.frac_bits = frac_bits
+        self.scale = float(2**frac_bits)
+        self.limit = 2**STATE_BITS
+
+    @property
+    def max_abs(self) -> float:
+        """Largest magnitude a state may reach."""
+        return self.limit / self.scale
+
+    def _overflow(self, what: str) -> FixedPointOverflow:
+        return FixedPointOverflow(
+            f"{what} left the exact-mode range |value| < 2^{STATE_BITS - self.frac_bits} = "
+            f"{self.max_abs:g} (frac_bits={self.frac_bits}); lower frac_bits for a wider range, "
+            f"or check the network for diverging activations"
+        )
+
+    def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
+        y = torch.round(x.detach().to(torch.float64) * self.scale)
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
+        if bool((y.abs() >= self.limit).any()):
+            raise self._overflow(what)
+        return y.to(torch.int64)
+
+    def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (q.to(torch.float64) / self.scale).to(dtype)
+
+    def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
+        if bool((q.abs() >= self.limit).any()):
+            raise self._overflow(what)
+        return q
+
+
+class InformationBuffer:
+    """A stack of mixed-radix digits per scalar: what ``floor`` forgets, kept losslessly.
+
+    Each scalar owns a word ``w`` (``1 <= w <= 2^62``; ``w = 1`` is an empty word) and a stack
+    of full words. ``push(k, b)`` with ``0 <= k < b`` sets ``w <- w b + k``, first moving a word
+    that would overflow onto the stack; ``pop(b)`` returns ``w mod b`` and sets ``w <- w div b``,
+    reloading the word below when ``w`` returns to ``1``. ``push``/``pop`` are exact inverses, so
+    the buffer never loses or invents information, and it grows only when it must.
+
+    Parameters
+    ----------
+    shape : torch.Size
+        Shape of the state the buffer belongs to (one digit stack per scalar).
+    device : torch.device
+    """
+
+    def __init__(self, shape: torch.Size, device: torch.device | str = "cpu"):
+        self.shape = torch.Size(shape)
+        n = self.shape.numel()
+        self.word = torch.ones(n, dtype=torch.int64, device=device)
+        self.height = torch.zeros(n, dtype=torch.int64, device=device)
+        self.stack = torch.zeros(0, n, dtype=torch.int64, device=device)
+
+    def _grow(self, levels: int) -> None:
+        new = max(levels, 2 * self.stack.shape[0], 4)
+        grown = self.stack.new_zeros(new, self.stack.shape[1])
+        grown[: self.stack.shape[0]] = self.stack
+        self.stack = grown
+
+    def push(self, k: torch.Tensor, b: torch.Tensor) -> None:
+        """Push the digits ``k`` (``0 <= k < b``, same shape as the state) in bases ``b``."""
+        k, b = k.reshape(-1), b.reshape(-1)
+        full = self.word > (_WORD_LIMIT - k) // b
+        if bool(full.any()):
+            idx = full.nonzero().squeeze(1)
+            levels = self.height[idx]
+            top = int(levels.max()) + 1
+            if top > self.stack.shape[0]:
+                self._grow(top)
+            self.stack[levels, idx] = self.word[idx]
+            self.height[idx] = levels + 1
+            self.word[idx] = 1
+        self.word = self.word * b + k
+
+    def pop(self, b: torch.Tensor) -> torch.Tensor:
+        """Pop and return the digits pushed last in bases ``b`` (shape of the state)."""
+        b = b.reshape(-1)
+        k = self.word % b
+        self.word = self.word // b
+        empty = (self.word == 1) & (self.height > 0)
+        if bool(empty.any()):
+            idx = empty.nonzero().squeeze(1)
+            levels = self.height[idx] - 1
+            self.word[idx] = self.stack[levels, idx]
+            self.height[idx] = levels
+        return k.reshape(self.shape)
+
+    def reader(self) -> InformationBuffer:
+        """A cursor on the same digits: popping from it leaves this buffer intact."""
+        other = InformationBuffer.__new__(InformationBuffer)
+        other.shape = self.shape
+        other.word = self.word.clone()
+        other.height = self.height.clone()
+        other.stack = self.stack  # popped levels are only read, never overwritten
+        return other
+
+    @property
+    def bits(self) -> int:
+        """Information held, in bits (62 per full word plus the bits of the open words)."""
+        open_bits = torch.log2(self.word.to(torch.float64)).sum()
+        return int(62 * int(self.height.sum()) + math.ceil(float(open_bits)))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the buffer (words, heights and the stack)."""
+        return 8 * (self.word.numel() + self.height.numel() + self.stack.numel())
+
+    def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
+        """``q -> sign * floor(q n / d)``, pushing the position of ``q`` in its fibre."""
+        if n != d:
+            out = (q * n) // d
+            lo = -((-out * d) // n)  # ceil(out d / n)
+            hi = -((-(out + 1) * d) // n)
+            self.push(q - lo, hi - lo)
+            q = out
+        return -q if sign < 0 else q
+
+    def unscale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
+        """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``."""
+        if sign < 0:
+            q = -q
+        if n != d:
+            lo = -((-q * d) // n)
+            hi = -((-(q + 1) * d) // n)
+            q = lo + self.pop(hi - lo)
+        return q
+
+    def __repr__(self) -> str:
+        return (
+            f"InformationBuffer(shape={tuple(self.shape)}, bits={self.bits}, "
+            f"allocated={self.nbytes} bytes)"
+        )

@@ -1,0 +1,89 @@
+"""``ReversibleNet``: an ``nn.Module`` over a chain of reversible steps on a state pair."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import reversible as engine
+from ..exact import DEFAULT_FRAC_BITS
+from ..steps import ReversibleStep, State
+
+__all__ = ["ReversibleNet"]
+
+
+def _check_flags(reversible: bool, exact: bool) -> None:
+    for name, flag in (("reversible", reversible), ("exact", exact)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if exact and not reversible:
+        raise ValueError(
+            "exact=True needs reversible=True: exact arithmetic serves reconstruction, which "
+            "only the reversible engine performs"
+        )
+
+
+class ReversibleNet(nn.Module):
+    """A chain of :class:`~mode.steps.ReversibleStep` run by the reversible engine.
+
+    ``forward(s0, s1, *args) -> (s0_N, s1_N)``; ``inverse`` undoes it; ``trajectory`` returns
+    every intermediate pair. Architectures subclass this and only define their steps.
+
+    Parameters
+    ----------
+    steps : sequence of ReversibleStep
+    reversible : bool
+        ``True``: no activations are stored; they are reconstructed in backward.
+    exact : bool
+        Bit-exact reconstruction in fixed point (``mode.exact``); needs ``reversible=True``.
+    frac_bits : int
+        Fractional bits of the fixed-point state in exact mode.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[ReversibleStep],
+        *,
+        reversible: bool = True,
+        exact: bool = False,
+        frac_bits: int = DEFAULT_FRAC_BITS,
+    ):
+        super().__init__()
+        _check_flags(reversible, exact)
+        self.steps = nn.ModuleList(engine._check_steps(steps))
+        self.reversible = reversible
+        self.exact = exact
+        self.frac_bits = frac_bits
+
+    def chain(self) -> list[ReversibleStep]:
+        """The steps, in order."""
+        return list(self.steps)
+
+    @property
+    def depth(self) -> int:
+        return len(self.chain())
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
+        return engine.integrate(
+            self.chain(),
+            (s0, s1),
+            args,
+            reversible=self.reversible,
+            exact=self.exact,
+            frac_bits=self.frac_bits,
+        )
+
+    def inverse(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
+        """Recover the input pair from the output pair (bit-exact in exact mode)."""
+        return engine.reverse(self.chain(), (s0, s1), args, exact=self.exact)
+
+    def trajectory(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
+        """Every pair ``(s0_n, s1_n)``, ``n = 0..N``, stacked: two tensors ``(N + 1, *shape)``."""
+        pairs = engine.trajectory(self.chain(), (s0, s1), args)
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def extra_repr(self) -> str:
+        mode = "exact" if self.exact else ("float" if self.reversible else "off")
+        return f"depth={self.depth}, reversible={self.reversible} ({mode})"

@@ -1,0 +1,206 @@
+"""``MomentumResNet``: the Momentum ResNet of Sander et al. (2021).
+
+    v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n, *args)
+    x_{n+1} = x_n + v_{n+1}
+
+with ``v_0 = 0`` or ``v_0 = init_velocity(x_0)``. Invertible for ``gamma > 0``:
+``x_n = x_{n+1} - v_{n+1}``, ``v_n = (v_{n+1} - (1 - gamma) f_n(x_n)) / gamma``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import reversible as engine
+from ..conventions import check_gamma, gamma_to_eps
+from ..exact import DEFAULT_FRAC_BITS
+from ..steps import MomentumStep
+from .base import ReversibleNet, _check_flags
+
+__all__ = ["MomentumResNet"]
+
+
+def _gamma_value(gamma: float | torch.Tensor) -> float:
+    return float(gamma.detach()) if isinstance(gamma, torch.Tensor) else float(gamma)
+
+
+class MomentumResNet(ReversibleNet):
+    """A Momentum ResNet over the residual functions ``f_0, ..., f_{N-1}``.
+
+    Parameters
+    ----------
+    functions : list, nn.ModuleList or nn.Sequential of callables
+        Residual functions ``f_n(x, *args) -> tensor of x's shape``. Make them ``nn.Module``s
+        so that their parameters receive gradients in reversible mode.
+    gamma : float or 0-dim tensor
+        Momentum in ``[0, 1]``. An ``nn.Parameter`` (or any tensor requiring grad) is learned;
+        gradients with respect to it are exact in every mode. ``gamma = 0`` is a plain ResNet
+        (``reversible=False`` only).
+    init_velocity : callable, optional
+        ``v_0 = init_velocity(x_0)``; default ``v_0 = 0``.
+    reversible : bool
+        ``True`` (default): activations are not stored but reconstructed from ``(x_N, v_N)``
+        in backward; memory independent of depth. ``False``: plain autograd.
+    exact : bool
+        Bit-exact reconstruction: states in int64 fixed point, multiplication by ``gamma`` as a
+        rational with an information buffer (``mode.exact``). Needs ``reversible=True``.
+    frac_bits : int
+        Fractional bits of the fixed-point states in exact mode (range ``|x| < 2^(46 - F)``).
+
+    Shapes
+    ------
+    ``x0``: any shape ``(*)`` (with or without a batch dimension); ``v0`` the same;
+    ``net(x0)`` returns ``x_N`` of shape ``(*)``; ``trajectory`` returns ``(N + 1, *)``.
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[Callable[..., torch.Tensor]] | nn.ModuleList | nn.Sequential,
+        gamma: float | torch.Tensor,
+        *,
+        init_velocity: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        reversible: bool = True,
+        exact: bool = False,
+        frac_bits: int = DEFAULT_FRAC_BITS,
+    ):
+        nn.Module.__init__(self)
+        _check_flags(reversible, exact)
+        if isinstance(functions, nn.Module) and not isinstance(
+            functions, nn.ModuleList | nn.Sequential
+        ):
+            raise TypeError(
+                "functions must be a list, nn.ModuleList or nn.Sequential of residual functions, "
+                f"got a single {type(functions).__name__}"
+            )
+        functions = list(functions)
+        if not functions:
+            raise ValueError("functions must contain at least one residual function, got none")
+        for i, f in enumerate(functions):
+            if not callable(f):
+                raise TypeError(f"functions[{i}] must be callable, got {type(f).__name__}")
+        if init_velocity is not None and not callable(init_velocity):
+            raise TypeError(f"init_velocity must be callable, got {type(init_velocity).__name__}")
+        check_gamma(gamma)
+        if reversible and _gamma_value(gamma) == 0.0:
+            raise ValueError(
+                "gamma = 0 is a plain ResNet, which has no inverse: reversible=True is "
+                "impossible. Use reversible=False, or gamma in (0, 1]."
+            )
+        self.functions = nn.ModuleList(
+            f if isinstance(f, nn.Module) else _Wrap(f) for f in functions
+        )
+        if isinstance(gamma, nn.Parameter):
+            self.gamma = gamma
+        elif isinstance(gamma, torch.Tensor) and not gamma.requires_grad:
+            self.register_buffer("gamma", gamma.detach().clone())
+        else:
+            self.gamma = gamma  # a float, or a tensor computed from parameters elsewhere
+        self.init_velocity = init_velocity
+        self.reversible = reversible
+        self.exact = exact
+        self.frac_bits = frac_bits
+        self._steps: list[MomentumStep] = []
+        self._steps_key: tuple = ()
+
+    def chain(self) -> list[MomentumStep]:
+        key = (id(self.gamma), *map(id, self.functions))
+        if key != self._steps_key:
+            # The steps are views over the registered functions and gamma, not submodules:
+            # the parameters and state_dict keys stay those of ``functions``.
+            self._steps = [MomentumStep(f, self.gamma) for f in self.functions]
+            self._steps_key = key
+        return self._steps
+
+    def _check_gamma_now(self) -> None:
+        if isinstance(self.gamma, torch.Tensor):
+            check_gamma(self.gamma)
+            if self.reversible and _gamma_value(self.gamma) == 0.0:
+                raise ValueError("gamma reached 0, where a Momentum ResNet cannot be reversed")
+
+    def _initial_velocity(self, x0: torch.Tensor, v0: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+        if not x0.dtype.is_floating_point:
+            raise TypeError(f"x0 must have a floating dtype, got {x0.dtype}")
+        if v0 is None:
+            v0 = self.init_velocity(x0) if self.init_velocity is not None else torch.zeros_like(x0)
+            what = "init_velocity(x0)"
+        else:
+            what = "v0"
+        if not isinstance(v0, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(v0).__name__}")
+        if v0.shape != x0.shape:
+            raise ValueError(
+                f"{what} must have the shape of x0 {tuple(x0.shape)}, got {tuple(v0.shape)}"
+            )
+        if v0.dtype != x0.dtype:
+            raise TypeError(f"{what} must have the dtype of x0 ({x0.dtype}), got {v0.dtype}")
+        return v0
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        *args,
+        v0: torch.Tensor | None = None,
+        return_velocity: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x_N`` (or ``(x_N, v_N)`` with ``return_velocity=True``) from ``x0`` of shape ``(*)``.
+
+        ``v0`` overrides ``init_velocity``; extra positional ``args`` go to every ``f_n``.
+        """
+        self._check_gamma_now()
+        v0 = self._initial_velocity(x0, v0)
+        x, v = super().forward(x0, v0, *args)
+        return (x, v) if return_velocity else x
+
+    def inverse(
+        self, x: torch.Tensor, v: torch.Tensor, *args
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_0, v_0)`` from ``(x_N, v_N)``; bit-exact when ``exact=True``."""
+        self._check_gamma_now()
+        if _gamma_value(self.gamma) == 0.0:
+            raise ValueError("gamma = 0 is a plain ResNet, which has no inverse")
+        return super().inverse(x, v, *args)
+
+    def trajectory(
+        self,
+        x0: torch.Tensor,
+        *args,
+        v0: torch.Tensor | None = None,
+        return_velocity: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Every state ``x_n``, ``n = 0..N``, stacked as ``(N + 1, *x0.shape)`` (plain autograd)."""
+        self._check_gamma_now()
+        v0 = self._initial_velocity(x0, v0)
+        pairs = engine.trajectory(self.chain(), (x0, v0), args)
+        xs = torch.stack([p[0] for p in pairs])
+        return (xs, torch.stack([p[1] for p in pairs])) if return_velocity else xs
+
+    def extra_repr(self) -> str:
+        g = _gamma_value(self.gamma)
+        learned = isinstance(self.gamma, torch.Tensor) and self.gamma.requires_grad
+        depth = len(self.functions)
+        eps = gamma_to_eps(g, depth)
+        mode = "exact" if self.exact else ("float" if self.reversible else "off")
+        return (
+            f"depth={depth}, gamma={g:g}{' (learned)' if learned else ''}, eps={eps:.4g} "
+            f"(horizon 1), reversible={self.reversible} ({mode}), "
+            f"init_velocity={'yes' if self.init_velocity is not None else 'no (v0 = 0)'}"
+        )
+
+
+class _Wrap(nn.Module):
+    """Holds a plain callable inside the ModuleList of residual functions."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))

@@ -1,0 +1,537 @@
+"""The depth-independent-memory backprop engine over a chain of reversible steps.
+
+``integrate(steps, (s0, s1), args)`` runs the couplings of every step (``mode.steps``). With
+``reversible=True`` the forward pass stores no activations: the backward pass walks the chain
+in reverse and, for every coupling ``s[t] <- alpha s[t] + shift s[o] + phi(s[o])``,
+
+1. evaluates ``p = phi(s[o])`` once, with autograd recording,
+2. reconstructs ``s[t] <- (s[t] - shift s[o] - p) / alpha`` from the detached ``p``,
+3. back-propagates the incoming gradient through ``p`` (and ``alpha``).
+
+That is one extra evaluation of each residual function in total (about 4/3 of autograd's
+work), and memory that does not depend on depth. With ``exact=True`` the states are held in
+fixed point (:mod:`mode.exact`), so the reconstructed states are bit-identical to the forward
+ones at any depth; in float mode reconstruction error grows like ``prod |alpha|^-1`` and the
+engine warns when that makes gradients untrustworthy.
+
+Recomputation is faithful: a step that drew random numbers in the forward pass (dropout) sees
+the same RNG state again, and BatchNorm running statistics are not updated a second time.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .exact import DEFAULT_FRAC_BITS, FixedPoint, InformationBuffer, rational
+from .steps import Coupling, ReversibleStep, State, _alpha_value, apply_step, invert_step
+
+__all__ = [
+    "integrate",
+    "reverse",
+    "trajectory",
+    "information_buffer",
+    "predicted_amplification",
+    "ReconstructionWarning",
+    "AMPLIFICATION_WARN",
+]
+
+# Warn in float mode when eps(dtype) * prod |alpha|^-1 exceeds this relative error.
+AMPLIFICATION_WARN = 1e-3
+
+
+class ReconstructionWarning(UserWarning):
+    """Float reversal is predicted to amplify rounding errors beyond trust."""
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_state(state: State) -> State:
+    if not isinstance(state, tuple | list) or len(state) != 2:
+        raise TypeError("state must be a pair (s0, s1) of tensors")
+    s0, s1 = state
+    for name, s in (("s0", s0), ("s1", s1)):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(s).__name__}")
+        if not s.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating dtype, got {s.dtype}")
+    if s0.shape != s1.shape:
+        raise ValueError(
+            f"the two halves of the state must have the same shape, got {tuple(s0.shape)} "
+            f"and {tuple(s1.shape)}"
+        )
+    if s0.dtype != s1.dtype or s0.device != s1.device:
+        raise TypeError(
+            f"the two halves of the state must share dtype and device, got "
+            f"{s0.dtype}/{s0.device} and {s1.dtype}/{s1.device}"
+        )
+    return s0, s1
+
+
+def _check_steps(steps: Sequence[ReversibleStep]) -> list[ReversibleStep]:
+    steps = list(steps)
+    if not steps:
+        raise ValueError("steps must contain at least one step, got an empty sequence")
+    for i, step in enumerate(steps):
+        if not isinstance(step, ReversibleStep):
+            raise TypeError(f"steps[{i}] must be a mode.steps.ReversibleStep, got {type(step)}")
+    return steps
+
+
+def _check_invertible(steps: list[ReversibleStep]) -> None:
+    for i, step in enumerate(steps):
+        for c in step.couplings():
+            if _alpha_value(c.alpha) == 0.0:
+                raise ValueError(
+                    f"step {i} has a coupling with alpha = 0, which cannot be inverted (for a "
+                    f"momentum step this is gamma = 0, a plain ResNet); use reversible=False"
+                )
+
+
+def predicted_amplification(steps: Sequence[ReversibleStep]) -> float:
+    """``prod |alpha|^-1`` over the chain: the factor by which float reversal amplifies error."""
+    log = 0.0
+    for step in steps:
+        for c in step.couplings():
+            a = abs(_alpha_value(c.alpha))
+            log -= math.log(a) if a > 0 else -math.inf
+    return math.exp(min(log, 700.0))
+
+
+def _warn_amplification(steps: list[ReversibleStep], dtype: torch.dtype) -> None:
+    amp = predicted_amplification(steps)
+    err = torch.finfo(dtype).eps * amp
+    if err > AMPLIFICATION_WARN:
+        warnings.warn(
+            f"float reversal of this chain amplifies rounding errors by prod(1/gamma) = "
+            f"{amp:.3g}: with {dtype} (eps {torch.finfo(dtype).eps:.1e}) reconstructed "
+            f"activations and gradients may be off by ~{err:.1e} relative or worse. "
+            f"Use exact=True for bit-exact reconstruction.",
+            ReconstructionWarning,
+            stacklevel=4,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# faithful recomputation: RNG state and BatchNorm statistics
+
+
+def _rng_devices(t: torch.Tensor) -> list[int]:
+    return [t.device.index or 0] if t.device.type == "cuda" else []
+
+
+def _get_rng(devices: list[int]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+@contextmanager
+def _replay_rng(saved: tuple | None, devices: list[int]):
+    """Run the block with the RNG state ``saved`` and restore the caller's state after."""
+    if saved is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(saved[0])
+        for d, s in zip(devices, saved[1]):
+            torch.cuda.set_rng_state(s, d)
+        yield
+
+
+@contextmanager
+def _frozen_batchnorm(module: nn.Module):
+    """Use batch statistics as in training, but do not update the running statistics."""
+    frozen = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    for m in frozen:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True
+
+
+# --------------------------------------------------------------------------------------------
+# bookkeeping of what receives gradients
+
+
+def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.Tensor], list]:
+    """Tensors that receive gradients: tensor args, parameters and tensor alphas of the steps.
+
+    Returns the unique tensors and, per step, the indices (into that list) of those it uses.
+    """
+    tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> int:
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+        return index[id(t)]
+
+    arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    per_step = []
+    for step in steps:
+        own = [add(p) for p in step.parameters() if p.requires_grad]
+        for c in step.couplings():
+            if isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad:
+                own.append(add(c.alpha))
+        per_step.append(arg_idx + sorted(set(own) - set(arg_idx)))
+    return tensors, per_step
+
+
+_verified: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_closure(step: ReversibleStep, out: torch.Tensor, known: list[torch.Tensor]) -> None:
+    """Raise if ``out`` depends on a trainable leaf the engine does not know about.
+
+    Such a tensor (a parameter of a residual function that is not a submodule of the step,
+    say) would silently receive no gradient in reversible mode.
+    """
+    if step in _verified or out.grad_fn is None:
+        return
+    stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
+    known_ids = {id(t) for t in known}
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or id(fn) in stop:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) not in known_ids:
+            raise ValueError(
+                f"a residual function of {type(step).__name__} uses a trainable tensor of shape "
+                f"{tuple(var.shape)} that is neither a parameter of the step, nor an argument, "
+                f"nor its alpha: in reversible mode it would receive no gradient. Register it "
+                f"(make the function an nn.Module holding it) or use reversible=False."
+            )
+        todo.extend(f for f, _ in fn.next_functions)
+    _verified.add(step)
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd function
+
+
+class _Chain:
+    """Everything about one call that is not a tensor input of the autograd function."""
+
+    def __init__(self, steps, args, exact: FixedPoint | None, grad_index):
+        self.steps = steps
+        self.args = args
+        self.exact = exact
+        self.grad_index = grad_index
+        self.buffer: InformationBuffer | None = None
+        self.rng: list[tuple | None] = []
+
+
+def _forward_float(chain: _Chain, s: list[torch.Tensor], args: tuple, devices) -> list:
+    for step in chain.steps:
+        before = _get_rng(devices)
+        for c in step.couplings():
+            s[c.target] = _coupling_float(c, s, args)
+        after = _get_rng(devices)
+        chain.rng.append(None if _same_rng(before, after) else before)
+        if step.swap:
+            s = [s[1], s[0]]
+    return s
+
+
+def _coupling_float(c: Coupling, s: list[torch.Tensor], args: tuple) -> torch.Tensor:
+    other = s[1 - c.target]
+    new = s[c.target] * c.alpha if _alpha_value(c.alpha) != 1.0 else s[c.target]
+    if c.shift:
+        new = new + c.shift * other
+    if c.phi is not None:
+        new = new + c.phi(other, *args)
+    return new
+
+
+def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, devices) -> list:
+    fp, buf = chain.exact, chain.buffer
+    for step in chain.steps:
+        before = _get_rng(devices)
+        for c in step.couplings():
+            t, o = c.target, 1 - c.target
+            new = buf.scale(q[t], *rational(_alpha_value(c.alpha)))
+            if c.shift:
+                new = new + c.shift * q[o]
+            if c.phi is not None:
+                new = new + fp.encode(c.phi(fp.decode(q[o], dtype), *args), "phi(state)")
+            q[t] = fp.check(new)
+        after = _get_rng(devices)
+        chain.rng.append(None if _same_rng(before, after) else before)
+        if step.swap:
+            q = [q[1], q[0]]
+    return q
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Inputs: the chain, the state pair and the grad-receiving tensors (``_grad_tensors``)."""
+
+    @staticmethod
+    def forward(ctx, chain: _Chain, s0, s1, *tensors):
+        devices = _rng_devices(s0)
+        dtype = s0.dtype
+        if chain.exact is None:
+            out = _forward_float(chain, [s0, s1], chain.args, devices)
+            out = [o.clone() if o is s0 or o is s1 else o for o in out]
+            ctx.save_for_backward(*out)
+        else:
+            fp = chain.exact
+            q = [fp.encode(s0, "s0"), fp.encode(s1, "s1")]
+            chain.buffer = InformationBuffer(s0.shape, s0.device)
+            q = _forward_exact(chain, q, chain.args, dtype, devices)
+            ctx.save_for_backward(*q)
+            out = [fp.decode(x, dtype) for x in q]
+        ctx.chain, ctx.tensors, ctx.dtype, ctx.devices = chain, tensors, dtype, devices
+        return out[0], out[1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g0, g1):
+        chain, dtype, devices = ctx.chain, ctx.dtype, ctx.devices
+        exact = chain.exact
+        buf = chain.buffer.reader() if exact is not None else None
+        s = [x.clone() for x in ctx.saved_tensors]
+        shape, device = ctx.saved_tensors[0].shape, ctx.saved_tensors[0].device
+        g = [
+            g0 if g0 is not None else torch.zeros(shape, dtype=dtype, device=device),
+            g1 if g1 is not None else torch.zeros(shape, dtype=dtype, device=device),
+        ]
+        # Tensor args become fresh leaves, so that each VJP stops at them.
+        leaves = {}
+        args = []
+        for a in chain.args:
+            if isinstance(a, torch.Tensor):
+                leaves[id(a)] = a.detach().requires_grad_(a.requires_grad)
+                a = leaves[id(a)]
+            args.append(a)
+        args = tuple(args)
+        tensors = [leaves.get(id(t), t) for t in ctx.tensors]
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        for i in range(len(chain.steps) - 1, -1, -1):
+            step, rng, idx = chain.steps[i], chain.rng[i], chain.grad_index[i]
+            if step.swap:
+                s, g = [s[1], s[0]], [g[1], g[0]]
+            inputs = [tensors[j] for j in idx]
+            with _replay_rng(rng, devices), _frozen_batchnorm(step):
+                for c in reversed(step.couplings()):
+                    _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
+        return (None, g[0], g[1], *grads)
+
+
+def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype):
+    """Reconstruct the target slot before coupling ``c`` and propagate gradients through it."""
+    t, o = c.target, 1 - c.target
+    a = _alpha_value(c.alpha)
+    alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
+    other = s[o] if exact is None else exact.decode(s[o], dtype)
+    if c.phi is None and not alpha_grad:
+        # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
+        if exact is None:
+            prev = s[t] - c.shift * s[o] if c.shift else s[t]
+            s[t] = prev / a if a != 1.0 else prev
+        else:
+            prev = s[t] - c.shift * s[o] if c.shift else s[t]
+            s[t] = buf.unscale(prev, *rational(a))
+        if c.shift:
+            g[o] = g[o] + c.shift * g[t]
+        if a != 1.0:
+            g[t] = a * g[t]
+        return
+
+    other = other.detach().requires_grad_(True)
+    with torch.enable_grad():
+        p = c.phi(other, *args) if c.phi is not None else None
+    if p is not None:
+        _check_closure(step, p, [other, *inputs])
+    # reconstruct the slot before the coupling
+    if exact is None:
+        prev = s[t]
+        if c.shift:
+            prev = prev - c.shift * s[o]
+        if p is not None:
+            prev = prev - p.detach()
+        prev = prev / a if a != 1.0 else prev
+        s[t] = prev
+    else:
+        q = s[t]
+        if c.shift:
+            q = q - c.shift * s[o]
+        if p is not None:
+            q = q - exact.encode(p.detach(), "phi(state)")
+        s[t] = buf.unscale(q, *rational(a))
+        prev = exact.decode(s[t], dtype)
+    # vector-Jacobian product: d/d(other, inputs) of <g_t, alpha prev + phi(other)>
+    gt = g[t]
+    outputs, grad_outputs = [], []
+    if p is not None:
+        outputs.append(p)
+        grad_outputs.append(gt)
+    if alpha_grad:
+        outputs.append(c.alpha)
+        grad_outputs.append((prev * gt).sum().reshape(c.alpha.shape).to(c.alpha.dtype))
+    vjp = torch.autograd.grad(outputs, [other, *inputs], grad_outputs, allow_unused=True)
+    if c.shift:
+        g[o] = g[o] + c.shift * gt
+    if vjp[0] is not None:
+        g[o] = g[o] + vjp[0]
+    for j, v in zip(idx, vjp[1:]):
+        if v is not None:
+            grads[j] = v if grads[j] is None else grads[j] + v
+    g[t] = a * gt if a != 1.0 else gt
+
+
+# --------------------------------------------------------------------------------------------
+# the exact buffer of returned outputs, so that ``reverse`` can undo an exact forward
+
+
+_buffers: dict[int, tuple] = {}
+
+
+def _remember(out: State, chain: _Chain) -> None:
+    key = id(out[0])
+    ref0 = weakref.ref(out[0], lambda _: _buffers.pop(key, None))
+    _buffers[key] = (ref0, weakref.ref(out[1]), out[0]._version, out[1]._version, chain)
+
+
+def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> tuple | None:
+    """The exact-mode record ``(buffer, ints, fixed_point)`` of an output pair, or ``None``."""
+    entry = _buffers.get(id(s0))
+    if entry is None:
+        return None
+    ref0, ref1, v0, v1, chain = entry
+    if ref0() is not s0 or ref1() is not s1:
+        return None
+    if s0._version != v0 or s1._version != v1:
+        raise ValueError("the outputs of an exact forward were modified in place; cannot invert")
+    return chain
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+
+
+def integrate(
+    steps: Sequence[ReversibleStep],
+    state: State,
+    args: tuple = (),
+    *,
+    reversible: bool = True,
+    exact: bool = False,
+    frac_bits: int = DEFAULT_FRAC_BITS,
+) -> State:
+    """Run ``steps`` on ``state = (s0, s1)``; return the final pair.
+
+    Parameters
+    ----------
+    steps : sequence of ReversibleStep
+        The chain, applied in order.
+    state : (Tensor, Tensor)
+        Two floating tensors of the same shape ``(*, ...)``.
+    args : tuple
+        Extra positional arguments for every residual function; tensor arguments receive
+        gradients.
+    reversible : bool
+        ``False``: plain autograd (stores activations). ``True``: store nothing, reconstruct
+        in backward (memory independent of ``len(steps)``).
+    exact : bool
+        Hold the state in int64 fixed point with ``frac_bits`` fractional bits and an
+        information buffer: reconstruction is bit-exact. Requires ``reversible=True``.
+    """
+    steps = _check_steps(steps)
+    s0, s1 = _check_state(state)
+    args = tuple(args)
+    if not reversible:
+        if exact:
+            raise ValueError(
+                "exact=True needs reversible=True: exact arithmetic serves reconstruction, "
+                "which only the reversible engine performs"
+            )
+        s = (s0, s1)
+        for step in steps:
+            s = apply_step(step, s, args)
+        return s
+    _check_invertible(steps)
+    fp = FixedPoint(frac_bits) if exact else None
+    if not exact:
+        _warn_amplification(steps, s0.dtype)
+    tensors, grad_index = _grad_tensors(steps, args)
+    chain = _Chain(steps, args, fp, grad_index)
+    out = _ReversibleFunction.apply(chain, s0, s1, *tensors)
+    if exact:
+        _remember(out, chain)
+    return out
+
+
+def reverse(
+    steps: Sequence[ReversibleStep], state: State, args: tuple = (), *, exact: bool = False
+) -> State:
+    """Invert the chain: from the final pair, recover the initial one (no gradients).
+
+    In exact mode ``state`` must be the very output pair of an exact :func:`integrate` call,
+    whose information buffer the engine remembers; the recovered pair is bit-identical to the
+    input of that call (in the fixed-point representation).
+    """
+    steps = _check_steps(steps)
+    s0, s1 = _check_state(state)
+    args = tuple(args)
+    _check_invertible(steps)
+    if not exact:
+        s = (s0, s1)
+        with torch.no_grad():
+            for step in reversed(steps):
+                with _frozen_batchnorm(step):
+                    s = invert_step(step, s, args)
+        return s
+    chain = information_buffer(s0, s1)
+    if chain is None:
+        raise ValueError(
+            "exact inversion needs the information buffer of the exact forward that produced "
+            "this state: pass the very tensors returned by the forward (not copies)"
+        )
+    fp, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
+    q = [fp.encode(s0), fp.encode(s1)]
+    with torch.no_grad():
+        for step in reversed(steps):
+            if step.swap:
+                q = [q[1], q[0]]
+            with _frozen_batchnorm(step):
+                for c in reversed(step.couplings()):
+                    t, o = c.target, 1 - c.target
+                    new = q[t]
+                    if c.shift:
+                        new = new - c.shift * q[o]
+                    if c.phi is not None:
+                        new = new - fp.encode(c.phi(fp.decode(q[o], dtype), *args))
+                    q[t] = buf.unscale(new, *rational(_alpha_value(c.alpha)))
+    return fp.decode(q[0], dtype), fp.decode(q[1], dtype)
+
+
+def trajectory(steps: Sequence[ReversibleStep], state: State, args: tuple = ()) -> list[State]:
+    """All intermediate pairs ``[s_0, s_1, ..., s_N]`` (plain autograd, for plots)."""
+    steps = _check_steps(steps)
+    s = _check_state(state)
+    out = [s]
+    for step in steps:
+        s = apply_step(step, s, tuple(args))
+        out.append(s)
+    return out
