@@ -35,13 +35,25 @@ __all__ = [
     "FixedPoint",
     "InformationBuffer",
     "rational",
+    "floor_divide",
 ]
 
 DEFAULT_FRAC_BITS = 32
 MAX_DENOMINATOR = 2**16
 # |q| < 2**STATE_BITS keeps q * n (n <= MAX_DENOMINATOR) and small shifts inside int64.
 STATE_BITS = 62 - 16
-_WORD_LIMIT = 2**62  # a buffer word w always satisfies 1 <= w <= _WORD_LIMIT
+# floor(t / m) is computed in float64 when |t| < 2**52 is guaranteed: t is then exact, and the
+# rounding error of t / m (below 1 / (2m)) cannot cross an integer, whose distance is >= 1/m.
+_FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
+
+
+def floor_divide(t: torch.Tensor, m: int | torch.Tensor, exact_in_float64: bool) -> torch.Tensor:
+    """``floor(t / m)`` for int64 ``t``; through float64 (fast) when that is exact."""
+    if exact_in_float64:
+        m = m.to(torch.float64) if isinstance(m, torch.Tensor) else float(m)
+        return torch.floor(t.to(torch.float64) / m).to(torch.int64)
+    return t // m
+_WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 
 
 class FixedPointOverflow(ValueError):
@@ -96,18 +108,21 @@ class FixedPoint:
         )
 
     def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
-        y = torch.round(x.detach().to(torch.float64) * self.scale)
-        if not bool(torch.isfinite(y).all()):
-            raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
-        if bool((y.abs() >= self.limit).any()):
+        # Scaling by a power of two and rounding are exact in the input's own float format.
+        y = torch.round(x.detach() * self.scale)
+        if not bool((y.abs() < self.limit).all()):  # also catches NaN and infinity
+            if not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
         return y.to(torch.int64)
 
     def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (q.to(torch.float64) / self.scale).to(dtype)
+        # Rounding q to dtype, then scaling by a power of two: the same as rounding q 2^-F.
+        return q.to(dtype) * (1.0 / self.scale)
 
     def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
-        if bool((q.abs() >= self.limit).any()):
+        low, high = torch.aminmax(q)
+        if int(low) <= -self.limit or int(high) >= self.limit:
             raise self._overflow(what)
         return q
 
@@ -115,11 +130,13 @@ class FixedPoint:
 class InformationBuffer:
     """A stack of mixed-radix digits per scalar: what ``floor`` forgets, kept losslessly.
 
-    Each scalar owns a word ``w`` (``1 <= w <= 2^62``; ``w = 1`` is an empty word) and a stack
-    of full words. ``push(k, b)`` with ``0 <= k < b`` sets ``w <- w b + k``, first moving a word
-    that would overflow onto the stack; ``pop(b)`` returns ``w mod b`` and sets ``w <- w div b``,
-    reloading the word below when ``w`` returns to ``1``. ``push``/``pop`` are exact inverses, so
-    the buffer never loses or invents information, and it grows only when it must.
+    Each scalar owns a word ``w`` (``1 <= w < 2^52``; ``w = 1`` is an empty word) and a stack
+    of full words. ``push(k, b)`` with ``0 <= k < b <= max_base`` sets ``w <- w b + k``, first
+    moving a word above ``2^52 / max_base`` onto the stack; ``pop(b)`` returns ``w mod b`` and
+    sets ``w <- w div b``, reloading the word below when ``w`` returns to ``1``. ``push`` and
+    ``pop`` are exact inverses (a base-1 digit changes nothing, so where an empty word is
+    reloaded around one does not matter), the buffer never loses or invents information, and it
+    grows only when it must. Words stay below ``2^52`` so that ``pop`` divides exactly in float64.
 
     Parameters
     ----------
@@ -134,6 +151,7 @@ class InformationBuffer:
         self.word = torch.ones(n, dtype=torch.int64, device=device)
         self.height = torch.zeros(n, dtype=torch.int64, device=device)
         self.stack = torch.zeros(0, n, dtype=torch.int64, device=device)
+        self._tables: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
 
     def _grow(self, levels: int) -> None:
         new = max(levels, 2 * self.stack.shape[0], 4)
@@ -141,10 +159,10 @@ class InformationBuffer:
         grown[: self.stack.shape[0]] = self.stack
         self.stack = grown
 
-    def push(self, k: torch.Tensor, b: torch.Tensor) -> None:
-        """Push the digits ``k`` (``0 <= k < b``, same shape as the state) in bases ``b``."""
+    def push(self, k: torch.Tensor, b: torch.Tensor, max_base: int) -> None:
+        """Push digits ``k`` (``0 <= k < b <= max_base``, the state's shape) in bases ``b``."""
         k, b = k.reshape(-1), b.reshape(-1)
-        full = self.word > (_WORD_LIMIT - k) // b
+        full = self.word >= _WORD_LIMIT // max_base
         if bool(full.any()):
             idx = full.nonzero().squeeze(1)
             levels = self.height[idx]
@@ -157,11 +175,12 @@ class InformationBuffer:
         self.word = self.word * b + k
 
     def pop(self, b: torch.Tensor) -> torch.Tensor:
-        """Pop and return the digits pushed last in bases ``b`` (shape of the state)."""
+        """Pop and return the digits pushed last in bases ``b`` (the state's shape)."""
         b = b.reshape(-1)
-        k = self.word % b
-        self.word = self.word // b
-        empty = (self.word == 1) & (self.height > 0)
+        quotient = floor_divide(self.word, b, True)  # words stay below 2^52
+        k = self.word - quotient * b
+        self.word = quotient
+        empty = (quotient == 1) & (self.height > 0)
         if bool(empty.any()):
             idx = empty.nonzero().squeeze(1)
             levels = self.height[idx] - 1
@@ -176,37 +195,60 @@ class InformationBuffer:
         other.word = self.word.clone()
         other.height = self.height.clone()
         other.stack = self.stack  # popped levels are only read, never overwritten
+        other._tables = self._tables
         return other
 
     @property
     def bits(self) -> int:
-        """Information held, in bits (62 per full word plus the bits of the open words)."""
+        """Information held, in bits (52 per full word plus the bits of the open words)."""
         open_bits = torch.log2(self.word.to(torch.float64)).sum()
-        return int(62 * int(self.height.sum()) + math.ceil(float(open_bits)))
+        return int(52 * int(self.height.sum()) + math.ceil(float(open_bits)))
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for the buffer (words, heights and the stack)."""
         return 8 * (self.word.numel() + self.height.numel() + self.stack.numel())
 
+    def _fibre_tables(self, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``r = q n mod d``: position ``r div n`` and size of the fibre; size by ``s``."""
+        key = (n, d)
+        if key not in self._tables:
+            r = torch.arange(d, dtype=torch.int64, device=self.word.device)
+            s = torch.arange(n, dtype=torch.int64, device=self.word.device)
+            self._tables[key] = (r // n, (d - r % n + n - 1) // n, (d - s + n - 1) // n)
+        return self._tables[key]
+
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
-        """``q -> sign * floor(q n / d)``, pushing the position of ``q`` in its fibre."""
+        """``q -> sign * floor(q n / d)``, pushing the position of ``q`` in its fibre.
+
+        With ``q n = q' d + r`` (``0 <= r < d``) the fibre of ``q'`` starts at
+        ``q - floor(r / n)`` and has ``ceil((d - r mod n) / n)`` elements.
+        """
         if n != d:
-            out = (q * n) // d
-            lo = -((-out * d) // n)  # ceil(out d / n)
-            hi = -((-(out + 1) * d) // n)
-            self.push(q - lo, hi - lo)
+            t = q * n
+            out = floor_divide(t, d, max(n, d) <= _FLOAT_DIVISION_MAX)
+            r = t - out * d
+            position, size, _ = self._fibre_tables(n, d)
+            self.push(position[r], size[r], -(-d // n))
             q = out
         return -q if sign < 0 else q
 
     def unscale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
-        """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``."""
+        """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``.
+
+        The fibre of ``q'`` starts at ``lo = ceil(q' d / n)``; with ``s = lo n - q' d``
+        (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
+        """
         if sign < 0:
             q = -q
         if n != d:
-            lo = -((-q * d) // n)
-            hi = -((-(q + 1) * d) // n)
-            q = lo + self.pop(hi - lo)
+            u = q * d
+            if n == 1:
+                lo, s = u, torch.zeros_like(u)
+            else:
+                lo = -floor_divide(-u, n, max(n, d) <= _FLOAT_DIVISION_MAX)
+                s = lo * n - u
+            q = lo + self.pop(self._fibre_tables(n, d)[2][s])
         return q
 
     def __repr__(self) -> str:

@@ -149,14 +149,17 @@ def _replay_rng(saved: tuple | None, devices: list[int]):
         yield
 
 
+_norms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def _frozen_batchnorm(module: nn.Module):
     """Use batch statistics as in training, but do not update the running statistics."""
-    frozen = [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
+    if module not in _norms:
+        _norms[module] = [
+            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+    frozen = [m for m in _norms[module] if m.training and m.track_running_stats]
     for m in frozen:
         m.track_running_stats = False
     try:
