@@ -28,3 +28,7 @@ __all__ = [
     "exact",
     "reversible",
 ]
+
+from .networks.coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet  # noqa: E402
+
+__all__ += ["RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet", "MRevNet"]
