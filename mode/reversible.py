@@ -242,6 +242,7 @@ class _Chain:
         self.exact = exact
         self.grad_index = grad_index
         self.buffer: InformationBuffer | None = None
+        self.final: list[torch.Tensor] | None = None  # exact mode: the output pair as ints
         self.rng: list[tuple | None] = []
 
 
@@ -302,6 +303,7 @@ class _ReversibleFunction(torch.autograd.Function):
             q = [fp.encode(s0, "s0"), fp.encode(s1, "s1")]
             chain.buffer = InformationBuffer(s0.shape, s0.device)
             q = _forward_exact(chain, q, chain.args, dtype, devices)
+            chain.final = q
             ctx.save_for_backward(*q)
             out = [fp.decode(x, dtype) for x in q]
         ctx.chain, ctx.tensors, ctx.dtype, ctx.devices = chain, tensors, dtype, devices
@@ -416,8 +418,12 @@ def _remember(out: State, chain: _Chain) -> None:
     _buffers[key] = (ref0, weakref.ref(out[1]), out[0]._version, out[1]._version, chain)
 
 
-def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> tuple | None:
-    """The exact-mode record ``(buffer, ints, fixed_point)`` of an output pair, or ``None``."""
+def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> _Chain | None:
+    """The exact-mode record of an output pair of :func:`integrate`, or ``None``.
+
+    Its ``buffer`` is the :class:`~mode.exact.InformationBuffer` and ``final`` the output pair
+    in fixed point.
+    """
     entry = _buffers.get(id(s0))
     if entry is None:
         return None
@@ -512,7 +518,7 @@ def reverse(
             "this state: pass the very tensors returned by the forward (not copies)"
         )
     fp, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
-    q = [fp.encode(s0), fp.encode(s1)]
+    q = list(chain.final)  # the decoded floats may hold fewer bits than the fixed point
     with torch.no_grad():
         for step in reversed(steps):
             if step.swap:
