@@ -1,0 +1,93 @@
+"""The gamma/eps convention and the exact arithmetic, against closed forms and brute force."""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import mode
+from mode.exact import FixedPoint, InformationBuffer, floor_divide, rational
+
+
+@pytest.mark.parametrize("depth,horizon", [(1, 1.0), (10, 1.0), (64, 3.0)])
+def test_gamma_eps_round_trip(depth, horizon):
+    for gamma in (0.0, 0.1, 0.5, 0.9, 0.999):
+        eps = mode.gamma_to_eps(gamma, depth, horizon)
+        assert eps == pytest.approx(horizon / (depth * (1 - gamma)), rel=1e-15)
+        assert mode.eps_to_gamma(eps, depth, horizon) == pytest.approx(gamma, abs=1e-14)
+    assert mode.gamma_to_eps(1.0, depth) == math.inf
+    assert mode.eps_to_gamma(math.inf, depth) == 1.0
+
+
+def test_conventions_are_differentiable():
+    eps = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    gamma = mode.eps_to_gamma(eps, 10)  # 1 - 0.1 / eps
+    (g,) = torch.autograd.grad(gamma, eps)
+    assert g.item() == pytest.approx(0.1 / 0.25)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9, 0.99, 0.37, 1 / 3, 0.7071, 0.999])
+def test_scale_is_floor_and_unscale_inverts_it(gamma):
+    sign, n, d = rational(gamma)
+    assert abs(n / d - gamma) < 1 / (d * 2**16) + 1e-15
+    q = torch.arange(-4000, 4000)
+    buf = InformationBuffer(q.shape)
+    out = buf.scale(q, sign, n, d)
+    assert out.tolist() == [(int(v) * n) // d for v in q]  # Python's floor division
+    assert torch.equal(buf.reader().unscale(out, sign, n, d), q)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9, 0.99])
+def test_buffer_round_trip_through_many_layers_and_spills(gamma):
+    g = torch.Generator().manual_seed(0)
+    sign, n, d = rational(gamma)
+    q0 = torch.randint(-(2**45), 2**45, (300,), generator=g)
+    shifts = [torch.randint(-(2**40), 2**40, (300,), generator=g) for _ in range(1500)]
+    buf, q = InformationBuffer(q0.shape), q0.clone()
+    for s in shifts:
+        q = buf.scale(q, sign, n, d) + s
+    reader = buf.reader()
+    for s in reversed(shifts):
+        q = reader.unscale(q - s, sign, n, d)
+    assert torch.equal(q, q0)
+    assert bool((reader.height == 0).all()) and bool((reader.word == 1).all())
+    # a second reader sees the same digits: reading does not consume the buffer
+    assert torch.equal(buf.reader().word, buf.word)
+    # The cost is the information floor forgets: the mean of log2(fibre size), computed here
+    # by brute force, times the packing overhead of words filled to 2^52 / max_base.
+    q = range(-50 * d, 50 * d)
+    count = {}
+    for v in q:
+        count[(v * n) // d] = count.get((v * n) // d, 0) + 1
+    entropy = sum(math.log2(count[(v * n) // d]) for v in q) / len(q)
+    packing = 52 / (52 - math.log2(-(-d // n)))
+    per_layer = buf.bits / (300 * 1500)
+    assert 0.9 * entropy <= per_layer <= entropy * packing + 0.01
+    assert per_layer < 32 / 4  # far below storing a float32 activation
+
+
+def test_floor_divide_float_path_is_exact_near_its_bound():
+    t = torch.tensor([2**52 - 1, -(2**52) + 1, 2**52 - 7, 12345678912345, -98765432109876])
+    for m in (2, 3, 7, 10, 64):
+        fast = floor_divide(t, m, True)
+        assert fast.tolist() == [int(v) // m for v in t]
+
+
+def test_rational_and_fixed_point_errors():
+    assert rational(0.9) == (1, 9, 10)
+    assert rational(-1.0) == (-1, 1, 1)
+    assert Fraction(*rational(0.99)[1:]) == Fraction(99, 100)
+    with pytest.raises(ValueError):
+        rational(0.0)
+    with pytest.raises(ValueError):
+        rational(1.5)
+    fp = FixedPoint(32)
+    with pytest.raises(ValueError, match="NaN"):
+        fp.encode(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="range"):
+        fp.encode(torch.tensor([1e9]))
+    with pytest.raises(ValueError):
+        FixedPoint(2)
+    x = torch.randn(100, dtype=torch.float64)
+    assert (fp.decode(fp.encode(x), torch.float64) - x).abs().max() <= 2.0**-33
