@@ -29,6 +29,7 @@ __all__ = [
     "reversible",
 ]
 
+from .convert import convert  # noqa: E402  (the function shadows the submodule's name)
 from .networks.coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet  # noqa: E402
 
-__all__ += ["RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet", "MRevNet"]
+__all__ += ["RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet", "MRevNet", "convert"]
