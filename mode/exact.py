@@ -49,9 +49,11 @@ _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
 
 def floor_divide(t: torch.Tensor, m: int | torch.Tensor, exact_in_float64: bool) -> torch.Tensor:
     """``floor(t / m)`` for int64 ``t``; through float64 (fast) when that is exact."""
+    if isinstance(m, int) and m & (m - 1) == 0:
+        return t >> (m.bit_length() - 1)  # arithmetic shift: floor for negatives too
     if exact_in_float64:
         m = m.to(torch.float64) if isinstance(m, torch.Tensor) else float(m)
-        return torch.floor(t.to(torch.float64) / m).to(torch.int64)
+        return t.to(torch.float64).div_(m, rounding_mode="floor").to(torch.int64)
     return t // m
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 
@@ -110,7 +112,8 @@ class FixedPoint:
     def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
         # Scaling by a power of two and rounding are exact in the input's own float format.
         y = torch.round(x.detach() * self.scale)
-        if not bool((y.abs() < self.limit).all()):  # also catches NaN and infinity
+        low, high = torch.aminmax(y)
+        if not (float(low) > -self.limit and float(high) < self.limit):  # NaN fails too
             if not bool(torch.isfinite(y).all()):
                 raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
@@ -172,7 +175,7 @@ class InformationBuffer:
             self.stack[levels, idx] = self.word[idx]
             self.height[idx] = levels + 1
             self.word[idx] = 1
-        self.word = self.word * b + k
+        self.word = torch.addcmul(k, self.word, b)
 
     def pop(self, b: torch.Tensor) -> torch.Tensor:
         """Pop and return the digits pushed last in bases ``b`` (the state's shape)."""
@@ -225,11 +228,14 @@ class InformationBuffer:
         ``q - floor(r / n)`` and has ``ceil((d - r mod n) / n)`` elements.
         """
         if n != d:
-            t = q * n
+            t = q * n if n != 1 else q
             out = floor_divide(t, d, max(n, d) <= _FLOAT_DIVISION_MAX)
             r = t - out * d
-            position, size, _ = self._fibre_tables(n, d)
-            self.push(position[r], size[r], -(-d // n))
+            if n == 1:  # the fibre of out is [out d, out d + d): position r, size d
+                self.push(r, torch.full_like(r, d), d)
+            else:
+                position, size, _ = self._fibre_tables(n, d)
+                self.push(position[r], size[r], -(-d // n))
             q = out
         return -q if sign < 0 else q
 
@@ -244,11 +250,11 @@ class InformationBuffer:
         if n != d:
             u = q * d
             if n == 1:
-                lo, s = u, torch.zeros_like(u)
+                q = u + self.pop(torch.full_like(u, d))
             else:
                 lo = -floor_divide(-u, n, max(n, d) <= _FLOAT_DIVISION_MAX)
                 s = lo * n - u
-            q = lo + self.pop(self._fibre_tables(n, d)[2][s])
+                q = lo + self.pop(self._fibre_tables(n, d)[2][s])
         return q
 
     def __repr__(self) -> str:

@@ -30,7 +30,15 @@ import torch
 from torch import nn
 
 from .exact import DEFAULT_FRAC_BITS, FixedPoint, InformationBuffer, rational
-from .steps import Coupling, ReversibleStep, State, _alpha_value, apply_step, invert_step
+from .steps import (
+    ReversibleStep,
+    State,
+    _alpha_value,
+    _check_phi_output,
+    apply_step,
+    coupling_update,
+    invert_step,
+)
 
 __all__ = [
     "integrate",
@@ -246,44 +254,52 @@ class _Chain:
         self.rng: list[tuple | None] = []
 
 
+def _keep_rng_of_random_steps(chain: _Chain, snapshots: list[tuple]) -> None:
+    """Keep the RNG state before each step that drew random numbers; ``None`` elsewhere.
+
+    ``snapshots`` holds the state before every step and after the last; when the generator did
+    not move at all (the common case) one comparison settles it.
+    """
+    if _same_rng(snapshots[0], snapshots[-1]):
+        chain.rng = [None] * (len(snapshots) - 1)
+    else:
+        chain.rng = [
+            None if _same_rng(a, b) else a for a, b in zip(snapshots[:-1], snapshots[1:])
+        ]
+
+
 def _forward_float(chain: _Chain, s: list[torch.Tensor], args: tuple, devices) -> list:
+    snapshots = []
     for step in chain.steps:
-        before = _get_rng(devices)
+        snapshots.append(_get_rng(devices))
         for c in step.couplings():
-            s[c.target] = _coupling_float(c, s, args)
-        after = _get_rng(devices)
-        chain.rng.append(None if _same_rng(before, after) else before)
+            s[c.target] = coupling_update(c, s, args)
         if step.swap:
             s = [s[1], s[0]]
+    snapshots.append(_get_rng(devices))
+    _keep_rng_of_random_steps(chain, snapshots)
     return s
-
-
-def _coupling_float(c: Coupling, s: list[torch.Tensor], args: tuple) -> torch.Tensor:
-    other = s[1 - c.target]
-    new = s[c.target] * c.alpha if _alpha_value(c.alpha) != 1.0 else s[c.target]
-    if c.shift:
-        new = new + c.shift * other
-    if c.phi is not None:
-        new = new + c.phi(other, *args)
-    return new
 
 
 def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, devices) -> list:
     fp, buf = chain.exact, chain.buffer
+    snapshots = []
     for step in chain.steps:
-        before = _get_rng(devices)
+        snapshots.append(_get_rng(devices))
         for c in step.couplings():
             t, o = c.target, 1 - c.target
             new = buf.scale(q[t], *rational(_alpha_value(c.alpha)))
             if c.shift:
-                new = new + c.shift * q[o]
+                new = torch.add(new, q[o], alpha=c.shift)
             if c.phi is not None:
-                new = new + fp.encode(c.phi(fp.decode(q[o], dtype), *args), "phi(state)")
+                other = fp.decode(q[o], dtype)
+                p = _check_phi_output(c.phi(other, *args), other)
+                new = new + fp.encode(p, "phi(state)")
             q[t] = fp.check(new)
-        after = _get_rng(devices)
-        chain.rng.append(None if _same_rng(before, after) else before)
         if step.swap:
             q = [q[1], q[0]]
+    snapshots.append(_get_rng(devices))
+    _keep_rng_of_random_steps(chain, snapshots)
     return q
 
 

@@ -34,7 +34,14 @@ from torch import nn
 
 from .conventions import check_gamma
 
-__all__ = ["Coupling", "ReversibleStep", "MomentumStep", "apply_step", "invert_step"]
+__all__ = [
+    "Coupling",
+    "ReversibleStep",
+    "MomentumStep",
+    "coupling_update",
+    "apply_step",
+    "invert_step",
+]
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -83,17 +90,31 @@ def _check_phi_output(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def coupling_update(c: Coupling, s: Sequence[torch.Tensor], args: tuple = ()) -> torch.Tensor:
+    """The new value of ``s[c.target]``: ``alpha s[t] + shift s[o] + phi(s[o], *args)``.
+
+    The one float implementation of a coupling, shared by autograd and the reversible engine so
+    that both compute bit-identical forward passes.
+    """
+    other, new = s[1 - c.target], s[c.target]
+    if c.phi is not None:
+        p = _check_phi_output(c.phi(other, *args), other)
+        if isinstance(c.alpha, torch.Tensor):
+            new = torch.addcmul(p, new, c.alpha)
+        else:
+            new = torch.add(p, new, alpha=c.alpha) if c.alpha != 1.0 else p + new
+    elif _alpha_value(c.alpha) != 1.0:
+        new = new * c.alpha
+    if c.shift:
+        new = torch.add(new, other, alpha=c.shift)
+    return new
+
+
 def apply_step(step: ReversibleStep, state: State, args: tuple = ()) -> State:
     """Run one step forward in ordinary (differentiable) float arithmetic."""
     s = list(state)
     for c in step.couplings():
-        other = s[1 - c.target]
-        new = s[c.target] * c.alpha if _alpha_value(c.alpha) != 1.0 else s[c.target]
-        if c.shift:
-            new = new + c.shift * other
-        if c.phi is not None:
-            new = new + _check_phi_output(c.phi(other, *args), other)
-        s[c.target] = new
+        s[c.target] = coupling_update(c, s, args)
     return (s[1], s[0]) if step.swap else (s[0], s[1])
 
 

@@ -444,9 +444,13 @@ def test_bad_inputs_at_call_time():
         net(x, v0=torch.zeros(3, D + 1, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating"):
         net(torch.ones(3, D, dtype=torch.int64))
-    shrink = mode.MomentumResNet([nn.Linear(D, D - 1).double()], 0.9)
+    for exact in (False, True):
+        shrink = mode.MomentumResNet([nn.Linear(D, D - 1).double()], 0.9, exact=exact)
+        with pytest.raises(ValueError, match="changed the shape"):
+            shrink(x)
+    broadcast = mode.MomentumResNet([lambda x: x.sum(0)], 0.9, exact=True)
     with pytest.raises(ValueError, match="changed the shape"):
-        shrink(x)
+        broadcast(x)
 
 
 def test_conversion_errors():
