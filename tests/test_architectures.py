@@ -31,6 +31,16 @@ from mode.networks.coupled import (
 from mode.reversible import ReconstructionWarning
 
 DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread avoids oversubscription on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 H = 0.3
 GAMMA = 0.8
 
@@ -383,6 +393,43 @@ def test_source_networks_dense_and_conv(cls):
         x_req = x.clone().requires_grad_(True)
         net(x_req).sum().backward()
         assert x_req.grad is not None and all(p.grad is not None for p in net.parameters())
+
+
+def test_revnet_on_images_splits_channels():
+    torch.manual_seed(0)
+    conv = lambda: TransposedActivatedLayer(2, 3, kernel_size=3)  # noqa: E731
+    nets = [RevNet([conv() for _ in range(3)], [conv() for _ in range(3)],
+                   reversible=r).to(DT) for r in (True, False)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=DT)
+    y = nets[0](x)
+    x1, x2 = x[:, :2], x[:, 2:]
+    for f, g in zip(nets[0].F_functions, nets[0].G_functions):
+        x1 = x1 + f(x2)
+        x2 = x2 + g(x1)
+    torch.testing.assert_close(y, torch.cat([x1, x2], 1), rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        torch.testing.assert_close(nets[0].inverse(y), x, rtol=0, atol=1e-12)
+    grads = []
+    for net in nets:
+        xr = x.clone().requires_grad_(True)
+        net(xr).square().sum().backward()
+        grads.append([xr.grad] + [p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_mrevnet_init_velocity():
+    torch.manual_seed(0)
+    f = [TransposedActivatedLayer(4).to(DT) for _ in range(2)]
+    phi = nn.Linear(4, 4).to(DT)
+    net = MRevNet(f, 0.5, init_velocity=phi)
+    x0 = torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(net(x0), MRevNet(f, 0.5)(x0, v0=phi(x0)), rtol=0, atol=0)
+    x_n, v_n = net(x0, return_velocity=True)
+    with torch.no_grad():
+        back = net.inverse(x_n, v_n)
+    torch.testing.assert_close(back, (x0, phi(x0)), rtol=0, atol=1e-12)
 
 
 def test_antisymmetric_midpoint_kernel():
