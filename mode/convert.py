@@ -320,7 +320,9 @@ def convert(model: nn.Module, residual_layers: Sequence[str] | str, *,
     gamma : float or 0-dim tensor in [0, 1]
         Momentum. ``0`` reproduces the original (plain autograd, whatever ``reversible``).
     keep_first_layer : bool
-        Run the first block of every stage as it is (for blocks that change the shape).
+        Run the first block of every stage as it is, whether or not it changes the shape (as
+        the first block of torchvision's ``layer2`` .. ``layer4`` does); ``False`` converts every
+        block, and a block that changes the shape is then an error.
     is_residual : bool
         ``False``: each block computes ``x + f(x)`` and ``f(x) = block(x) - x``. ``True``: the
         block is ``f`` itself.
@@ -331,7 +333,11 @@ def convert(model: nn.Module, residual_layers: Sequence[str] | str, *,
     -------
     nn.Module
         The converted copy; each stage is a :class:`MomentumStage` (an encoder / decoder of
-        ``nn.Transformer`` becomes a :class:`MomentumTransformerEncoder` / ``...Decoder``).
+        ``nn.Transformer`` becomes a :class:`MomentumTransformerEncoder` / ``...Decoder``). Its
+        parameters are the original ones, in the same order; their ``state_dict`` keys gain the
+        stage's structure (``layer1.momentum.functions.0.block.conv1.weight`` for
+        ``layer1.1.conv1.weight``), so convert a trained model rather than load a state dict
+        into a converted one.
 
     Raises
     ------
