@@ -34,10 +34,10 @@ scalars in one slot).
     v_{j+1} = gamma v_j + f_j(x_j),      x_{j+1} = x_j + v_{j+1},
 
 i.e. ``x_{j+1} = x_j + gamma (x_j - x_{j-1}) + f_j(x_j)`` with ``v_j = x_j - x_{j-1}``, the
-two-stream momentum update of m-RevNet (Li & Gao, 2021, "m-RevNet: Deep Reversible Neural
-Networks with Momentum"), a discretization of ``x'' + (1 - gamma) x' = f(x)`` (unit mass). It
-differs from the Momentum ResNet rule ``v_{j+1} = gamma v_j + (1 - gamma) f_j(x_j)`` only by the
-scaling of the residual function: ``MRevNet(f, gamma)`` computes exactly what
+two-stream momentum update of m-RevNet ("m-RevNet: Deep Reversible Neural Networks with
+Momentum", 2021, arXiv:2108.05862), a discretization of ``x'' + (1 - gamma) x' = f(x)`` (unit
+mass). It differs from the Momentum ResNet rule ``v_{j+1} = gamma v_j + (1 - gamma) f_j(x_j)``
+only by the scaling of the residual function: ``MRevNet(f, gamma)`` computes exactly what
 ``MomentumResNet(f / (1 - gamma), gamma)`` computes for ``gamma < 1`` (and
 ``MomentumResNet(f, gamma) = MRevNet((1 - gamma) f, gamma)``); at ``gamma = 0`` both are the plain
 ResNet ``x_{j+1} = x_j + f_j(x_j)`` (not invertible). At ``gamma = 1`` m-RevNet is the
@@ -725,7 +725,7 @@ def _gamma_value(gamma: float | torch.Tensor) -> float:
 
 
 class MRevNet(_CoupledNet):
-    """The m-RevNet of Li & Gao (2021): a heavy-ball momentum two-stream network.
+    """m-RevNet (arXiv:2108.05862, 2021): a heavy-ball momentum two-stream network.
 
         v_{j+1} = gamma v_j + f_j(x_j, *args),      x_{j+1} = x_j + v_{j+1},
 
