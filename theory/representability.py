@@ -1,0 +1,367 @@
+r"""Which real linear maps ``D`` are ``Psi_eps(theta)`` for a real ``theta``; preimages.
+
+**Criterion** (``theta`` real, ``Psi = Psi_eps``, ``m = m_eps`` the minimum of ``Psi`` on the
+real line, ``m_0 = 0``).  The eigenvalues of ``Psi(theta)`` are ``Psi(mu)`` for the eigenvalues
+``mu`` of ``theta``; a Jordan block of size ``k`` at ``mu`` with ``Psi'(mu) != 0`` becomes a
+block of size ``k`` at ``Psi(mu)``.  A real eigenvalue ``lam`` of ``D`` with no real preimage
+(``lam < m``; at ``eps = 0``: ``lam <= 0``) can only come from non-real ``mu``, which come in
+conjugate pairs with identical Jordan structure, so its Jordan blocks come in equal pairs.
+Conversely every other eigenvalue has a non-critical preimage (real for real ``lam > m``;
+``Psi`` is entire of order 1/2 and takes every complex value) and the primary inverse gives
+``theta``; paired blocks get a conjugate pair ``z, conj(z)`` through a complex structure.  So
+
+    D = Psi_eps(theta) for a real theta  <=>  for every real eigenvalue lam < m_eps (lam <= 0
+    at eps = 0), each Jordan block size occurs an even number of times; at eps = 0 also
+    D invertible (0 is not a value of exp).
+
+At ``eps = 0`` this is Culver's real-logarithm criterion.  For ``eps > 0`` singular maps *are*
+representable (``Psi_eps`` has real zeros).  The critical value ``lam = m_eps`` itself (a
+measure-zero case) is decided only for semisimple or paired blocks; an unpaired non-trivial
+block there is reported as undecided (a ``NotRepresentable`` whose reason says so).
+
+**Numerics.** Eigenvalues are grouped by single linkage at ``cluster_tol * ||D||_2``; each
+cluster gets an orthonormal basis of its invariant subspace from a sorted Schur form (real
+Schur for real clusters), its Jordan structure from the ranks of ``(B - lam I)^j``
+(:mod:`theory.jordan`, ``rank_tol``); a cluster whose ranks are not those of one eigenvalue is
+split at a 1000 times smaller radius.  The decision is exact for the matrix as resolved at
+these tolerances; both are reported with every answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from ._checks import NotRepresentable, check_eps, check_square_real
+from .inverse import preimage, primary_inverse
+from .jordan import jordan_block_sizes, jordan_chains
+from .psi import psi_matrix
+from .range import min_gain, min_gain_point
+
+__all__ = [
+    "Cluster",
+    "Analysis",
+    "Construction",
+    "analyze",
+    "construct",
+    "find_theta",
+    "is_representable",
+    "representable_scale",
+]
+
+CLUSTER_TOL = 1e-5
+RANK_TOL = 1e-8
+RESIDUAL_TOL = 1e-6
+
+
+@dataclass
+class Cluster:
+    """One eigenvalue of ``D`` as resolved numerically (a complex one stands for its pair)."""
+
+    center: complex
+    indices: tuple[int, ...]
+    kind: str  # "real" or "complex"
+    blocks: dict[int, int] | None  # Jordan block sizes {size: count} (real clusters)
+    treatment: str  # primary | critical | paired | singular | unpaired | undecided
+    radius: float
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class Analysis:
+    """The criterion's verdict on ``D`` with its clusters and the tolerances used."""
+
+    eps: float
+    m_eps: float
+    clusters: list[Cluster]
+    representable: bool
+    reason: str
+    cluster_radius: float
+    rank_threshold: float
+    eigenvalues: np.ndarray = field(repr=False)
+
+
+@dataclass
+class Construction:
+    """A preimage ``theta`` and how well it reproduces ``D``."""
+
+    theta: np.ndarray
+    residual: float  # ||Psi_eps(theta) - D||_F / ||D||_F (block expm)
+    imag_residual: float  # ||Im theta_complex||_F / ||theta||_F before taking the real part
+    cond_basis: float  # condition number of the block-diagonalizing basis
+    analysis: Analysis
+
+
+def _single_linkage(w: np.ndarray, idx: list[int], radius: float) -> list[list[int]]:
+    parent = {i: i for i in idx}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(len(idx)):
+        for b in range(a + 1, len(idx)):
+            i, j = idx[a], idx[b]
+            if abs(w[i] - w[j]) <= radius:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in idx:
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: (np.mean(w[g]).real, np.mean(w[g]).imag))
+
+
+def _invariant_basis(D: np.ndarray, w: np.ndarray, members: list[int], real: bool):
+    """Orthonormal basis of the invariant subspace of the eigenvalues ``w[members]``."""
+    members_set = set(members)
+
+    def selected(ev: complex) -> bool:
+        return int(np.argmin(np.abs(w - ev))) in members_set
+
+    if real:
+        T, Z, sdim = scipy.linalg.schur(D, output="real",
+                                        sort=lambda re, im: selected(complex(re, im)))
+    else:
+        T, Z, sdim = scipy.linalg.schur(D.astype(complex), output="complex", sort=selected)
+    if sdim != len(members):
+        raise NotRepresentable(
+            f"could not separate the eigenvalue cluster at {np.mean(w[members]):.6g} from the "
+            f"rest of the spectrum (Schur reordering selected {sdim} of {len(members)})"
+        )
+    V = Z[:, :sdim]
+    return V, V.conj().T @ D @ V
+
+
+def _classify_real(lam: float, blocks: dict[int, int], eps: float, m: float, radius: float,
+                   singular: bool) -> str:
+    paired = all(count % 2 == 0 for count in blocks.values())
+    if eps == 0.0:
+        if singular or abs(lam) <= radius:
+            return "singular"
+        if lam > 0:
+            return "primary"
+        return "paired" if paired else "unpaired"
+    if lam > m + radius:
+        return "primary"
+    if lam >= m - radius:
+        if set(blocks) == {1}:
+            return "critical"
+        return "paired" if paired else "undecided"
+    return "paired" if paired else "unpaired"
+
+
+def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
+            rank_tol: float = RANK_TOL) -> Analysis:
+    """Apply the criterion to ``D`` (``(d, d)`` real) for ``Psi_eps``; no preimage is built."""
+    D = check_square_real(D)
+    eps = check_eps(eps)
+    for name, tol in (("cluster_tol", cluster_tol), ("rank_tol", rank_tol)):
+        if not (0 < tol < 1):
+            raise ValueError(f"{name} must lie in (0, 1), got {tol}")
+    scale = float(np.linalg.norm(D, 2)) or 1.0
+    m = min_gain(eps)
+    w = np.linalg.eigvals(D)
+    radius = cluster_tol * scale
+    rank_threshold = rank_tol * scale
+    sigma_min = float(np.linalg.svd(D, compute_uv=False)[-1])
+    singular = sigma_min <= rank_threshold
+    clusters: list[Cluster] = []
+
+    def visit(members: list[int], rad: float) -> None:
+        for g in _single_linkage(w, members, rad):
+            center = complex(np.mean(w[g]))
+            if abs(center.imag) > rad:
+                if center.imag > 0:
+                    clusters.append(Cluster(center, tuple(g), "complex", None, "primary", rad))
+                continue
+            lam = center.real
+            _, B = _invariant_basis(D, w, g, real=True)
+            blocks = jordan_block_sizes(B - lam * np.eye(len(g)), scale, rank_tol)
+            if blocks is None:
+                if rad / 1000 > rank_threshold:
+                    visit(g, rad / 1000)
+                    continue
+                blocks = {1: len(g)}  # unresolvable at rank_tol: count the copies as simple
+            treatment = _classify_real(lam, blocks, eps, m, rad, singular and abs(lam) <= rad)
+            clusters.append(Cluster(complex(lam), tuple(g), "real", blocks, treatment, rad))
+
+    visit(list(range(len(w))), radius)
+    bad = [c for c in clusters if c.treatment in ("singular", "unpaired", "undecided")]
+    if eps == 0.0 and singular and not any(c.treatment == "singular" for c in bad):
+        bad.append(Cluster(0j, (), "real", {1: 1}, "singular", radius))
+    reasons = []
+    for c in bad:
+        sizes = ", ".join(f"{cnt} x size {s}" for s, cnt in sorted(c.blocks.items()))
+        if c.treatment == "singular":
+            reasons.append(f"D is singular (smallest singular value {sigma_min:.2e}): 0 is not "
+                           "a value of exp")
+        elif c.treatment == "unpaired":
+            where = "<= 0" if eps == 0 else f"< m_eps = {m:.6g}"
+            reasons.append(f"real eigenvalue {c.center.real:.6g} {where} has Jordan blocks "
+                           f"[{sizes}] that do not come in equal pairs")
+        else:
+            reasons.append(f"eigenvalue {c.center.real:.6g} sits at the critical value m_eps "
+                           f"with unpaired non-trivial blocks [{sizes}]: undecided here")
+    reason = "; ".join(reasons) if reasons else "representable"
+    return Analysis(eps, m, clusters, not reasons, reason, radius, rank_threshold, w)
+
+
+def _realify(G: np.ndarray) -> np.ndarray:
+    return np.block([[G.real, -G.imag], [G.imag, G.real]])
+
+
+def _paired_block(B: np.ndarray, lam: float, blocks: dict[int, int], eps: float,
+                  scale: float, rank_tol: float) -> np.ndarray:
+    """Real ``X`` with ``Psi_eps(X) = B`` for ``B`` with eigenvalue ``lam`` and paired blocks."""
+    n = B.shape[0]
+    chains = jordan_chains(B - lam * np.eye(n), blocks, scale, rank_tol)
+    first, second = [], []
+    by_size: dict[int, list[list[np.ndarray]]] = {}
+    for ch in chains:
+        by_size.setdefault(len(ch), []).append(ch)
+    for j in sorted(by_size, reverse=True):
+        group = by_size[j]
+        for a in range(0, len(group), 2):
+            first.extend(group[a])
+            second.extend(group[a + 1])
+    P = np.column_stack(first + second)
+    M = np.linalg.solve(P, B @ P)
+    h = n // 2
+    B_complex = 0.5 * (M[:h, :h] + M[h:, h:]) + 0.5j * (M[h:, :h] - M[:h, h:])
+    z = preimage(complex(lam, 0.0), eps) if eps == 0 or lam < min_gain(eps) else None
+    if z is None or z.imag == 0:
+        z = _nonreal_preimage(lam, eps)
+    G = primary_inverse(B_complex, complex(lam), z, eps)
+    return P @ _realify(G) @ np.linalg.inv(P)
+
+
+def _nonreal_preimage(lam: float, eps: float) -> complex:
+    # a non-real preimage of a real lam >= m_eps (paired blocks at the critical value): follow
+    # Psi from the upper half plane down to lam
+    z = preimage(complex(lam, 1e-3 * max(1.0, abs(lam))), eps)
+    from .inverse import _newton
+
+    z, ok = _newton(z, complex(lam), eps, 1e-14 * max(1.0, abs(lam)))
+    if not ok or abs(z.imag) < 1e-8:
+        raise NotRepresentable(f"no non-real preimage of {lam} found for the paired blocks")
+    return z
+
+
+def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
+              rank_tol: float = RANK_TOL) -> Construction:
+    """Build a real ``theta`` with ``Psi_eps(theta) = D`` eigenvalue by eigenvalue.
+
+    Raises :class:`theory.NotRepresentable` (with the criterion's reason) when there is none.
+    """
+    D = check_square_real(D)
+    eps = check_eps(eps)
+    an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    if not an.representable:
+        raise NotRepresentable(an.reason)
+    scale = float(np.linalg.norm(D, 2)) or 1.0
+    w = an.eigenvalues
+    columns: list[np.ndarray] = []
+    blocks: list[np.ndarray] = []
+    for c in an.clusters:
+        g = list(c.indices)
+        if c.kind == "complex":
+            V, B = _invariant_basis(D, w, g, real=False)
+            z = preimage(c.center, eps)
+            G = primary_inverse(B, c.center, z, eps)
+            columns += [V, V.conj()]
+            blocks += [G, G.conj()]
+            continue
+        V, B = _invariant_basis(D, w, g, real=True)
+        lam = c.center.real
+        if c.treatment == "primary":
+            X = primary_inverse(B, complex(lam), preimage(complex(lam), eps), eps).real
+        elif c.treatment == "critical":
+            X = min_gain_point(eps)[1] * np.eye(len(g))
+        else:  # paired
+            X = _paired_block(B, lam, c.blocks, eps, scale, rank_tol)
+        columns.append(V.astype(complex))
+        blocks.append(X.astype(complex))
+    V = np.column_stack(columns)
+    theta_c = V @ scipy.linalg.block_diag(*blocks) @ np.linalg.inv(V)
+    norm = float(np.linalg.norm(theta_c)) or 1.0
+    imag_residual = float(np.linalg.norm(theta_c.imag)) / norm
+    theta = np.ascontiguousarray(theta_c.real)
+    dn = float(np.linalg.norm(D)) or 1.0
+    with np.errstate(all="ignore"):
+        residual = float(np.linalg.norm(psi_matrix(theta, eps) - D)) / dn
+    if not math.isfinite(residual):
+        residual = math.inf
+    return Construction(theta, residual, imag_residual, float(np.linalg.cond(V)), an)
+
+
+def find_theta(D, eps: float, *, tol: float = RESIDUAL_TOL, cluster_tol: float = CLUSTER_TOL,
+               rank_tol: float = RANK_TOL) -> np.ndarray:
+    """A real ``theta`` (``(d, d)``) with ``Psi_eps(theta) = D``.
+
+    Built through the (numerical) real Jordan form: the real preimage branch for real
+    eigenvalues ``lam > m_eps``, complex roots of ``Psi_eps(z) = lam`` for conjugate pairs and
+    for paired blocks of real ``lam < m_eps``.  ``eps = 0`` gives a real matrix logarithm.
+
+    Raises
+    ------
+    NotRepresentable
+        if the criterion fails (the reason names the eigenvalue and its Jordan blocks), or the
+        construction misses ``D`` by more than ``tol`` (relative Frobenius residual of the
+        block ``expm``), which then reports the basis conditioning.
+    """
+    con = construct(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    if not (con.residual <= tol and con.imag_residual <= tol):
+        raise NotRepresentable(
+            f"construction is numerically unreliable: residual {con.residual:.2e}, imaginary "
+            f"part {con.imag_residual:.2e} (tolerance {tol:g}); basis condition number "
+            f"{con.cond_basis:.2e}"
+        )
+    return con.theta
+
+
+def is_representable(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
+                     rank_tol: float = RANK_TOL) -> bool:
+    """Whether some real ``theta`` has ``Psi_eps(theta) = D`` (the criterion, no optimization).
+
+    ``eps = 0`` is the first-order (ResNet / Neural ODE) case: a real logarithm exists.
+    """
+    return analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol).representable
+
+
+def representable_scale(D, eps: float, *, fraction: float = 0.5, tol: float = RESIDUAL_TOL,
+                        cluster_tol: float = CLUSTER_TOL,
+                        rank_tol: float = RANK_TOL) -> tuple[float, np.ndarray]:
+    """``(lam, theta)`` with ``lam > 0`` and ``Psi_eps(theta) = lam D``.
+
+    ``lam = 1`` when ``D`` itself is representable.  Otherwise (``eps > 0``) ``lam`` moves the
+    most negative offending real eigenvalue ``mu`` to ``fraction * m_eps``:
+    ``lam = fraction * m_eps / mu``, so every real eigenvalue of ``lam D`` is ``> m_eps`` and
+    ``lam D`` is representable.  At ``eps = 0`` no positive factor changes the signs of the
+    eigenvalues or the Jordan structure, so a non-representable ``D`` raises.
+    """
+    if not (0 < fraction < 1):
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    D = check_square_real(D)
+    eps = check_eps(eps)
+    an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    if an.representable:
+        return 1.0, find_theta(D, eps, tol=tol, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    if eps == 0.0:
+        raise NotRepresentable(
+            an.reason + "; at eps = 0 a positive factor keeps every eigenvalue's sign and "
+            "Jordan structure (and the sign of det), so no scale helps"
+        )
+    bad = [c.center.real for c in an.clusters if c.treatment in ("unpaired", "undecided")]
+    mu = min(bad)
+    lam = fraction * an.m_eps / mu
+    if not lam > 0:
+        raise NotRepresentable(f"m_eps = {an.m_eps} underflows in float64 at eps = {eps}: "
+                               "no usable scale")
+    return lam, find_theta(lam * D, eps, tol=tol, cluster_tol=cluster_tol, rank_tol=rank_tol)
