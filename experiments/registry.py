@@ -1,0 +1,238 @@
+"""The registry of experiments and the runner that caches their results.
+
+An experiment is a module ``experiments.<name>`` that defines
+
+- ``TITLE`` (one line) and ``CAPTION`` (what the figure shows, for the README);
+- ``CONFIGS``: a dict with the levels ``"tiny"`` (smoke tests), ``"quick"`` (CPU, the default)
+  and ``"full"`` (a GPU), each a dict of JSON-serializable settings;
+- ``run(config) -> dict``: the results (``config`` also holds ``seed``, ``device`` and
+  ``level``);
+- ``plot(results, out_dir) -> list[str]``: the figure files it wrote (PNG and PDF).
+
+Modules are imported only when used, so a missing optional dependency of one experiment
+never breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import Progress, config_hash, resolve_device, style, write_json_atomic
+
+__all__ = ["EXPERIMENTS", "LEVELS", "get", "experiment_config", "run_experiment", "run_all"]
+
+#: Registered experiments, in the order ``all`` runs them.
+EXPERIMENTS: tuple[str, ...] = (
+    "dynamics_1d",
+    "nested_rings",
+    "ode_limit",
+    "trajectories",
+    "representability",
+    "memory",
+    "learning_to_optimize",
+    "reconstruction",
+)
+LEVELS: tuple[str, ...] = ("tiny", "quick", "full")
+
+
+def get(name: str) -> ModuleType:
+    """The module of the registered experiment ``name``."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; registered: {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def experiment_config(name: str, level: str = "quick", *, device: str = "cpu", seed: int = 0,
+                      overrides: dict | None = None) -> dict:
+    """The full configuration of one run: the level's settings plus seed, device and level."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    module = get(name)
+    config = dict(module.CONFIGS[level])
+    for key, value in (overrides or {}).items():
+        if key not in config:
+            raise ValueError(
+                f"override {key!r} is not a setting of {name}; settings: {', '.join(config)}"
+            )
+        config[key] = value
+    config.update(level=level, device=device, seed=int(seed))
+    return config
+
+
+def cpu_threads() -> int:
+    """Intra-op CPU threads for a run: ``$MODE_EXPERIMENTS_THREADS``, default 1.
+
+    The experiments are made of many small tensor operations, for which one thread is fastest
+    and, on a shared machine, far more predictable (an oversubscribed thread pool can make a
+    small ``tanh`` 50 times slower). Timings are recorded with the thread count used.
+    """
+    import os
+
+    value = os.environ.get("MODE_EXPERIMENTS_THREADS", "1")
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"MODE_EXPERIMENTS_THREADS must be a positive integer, got {value!r}")\
+            from None
+    if threads < 1:
+        raise ValueError(f"MODE_EXPERIMENTS_THREADS must be a positive integer, got {threads}")
+    return threads
+
+
+def _versions() -> dict[str, str]:
+    import mode
+
+    return {
+        "mode": mode.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _is_cached(json_path: Path, chash: str) -> dict | None:
+    import json
+
+    if not json_path.exists():
+        return None
+    try:
+        with open(json_path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if data.get("config_hash") != chash:
+        return None
+    return data
+
+
+def run_experiment(
+    name: str,
+    level: str = "quick",
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | Path = "figures",
+    force: bool = False,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
+    """Run (or reuse) one experiment; write ``out/name.json`` and its figures.
+
+    The JSON holds the configuration, its hash, the seed, the device, the versions of
+    ``mode``/torch/numpy/python, the timings, the results and the figure paths. It is written
+    last and atomically, so it marks a finished run. If it exists with the same configuration
+    hash, nothing is recomputed (missing figures are re-plotted from the stored results)
+    unless ``force`` is true.
+
+    Returns
+    -------
+    dict
+        ``{"name", "status" ("ran" | "cached" | "replotted"), "json", "figures", "wall_s"}``.
+    """
+    module = get(name)
+    config = experiment_config(name, level, device=device, seed=seed, overrides=overrides)
+    resolve_device(device)
+    threads = cpu_threads()
+    revision = getattr(module, "REVISION", 0)
+    chash = config_hash({"config": config, "revision": revision})
+    out = Path(out)
+    json_path = out / f"{name}.json"
+    progress = Progress(name)
+    style()
+    t0 = time.perf_counter()
+    cached = None if force else _is_cached(json_path, chash)
+    if cached is not None:
+        figures = cached.get("figures", [])
+        if all(Path(p).exists() for p in figures) and figures:
+            progress(f"cached (config {chash}); use --force to recompute")
+            return {"name": name, "status": "cached", "json": str(json_path),
+                    "figures": figures, "wall_s": cached["timing"]["run_s"]}
+        progress("results cached, figures missing: re-plotting")
+        figures = [str(p) for p in module.plot(cached["results"], out)]
+        cached["figures"] = figures
+        write_json_atomic(json_path, cached)
+        return {"name": name, "status": "replotted", "json": str(json_path),
+                "figures": figures, "wall_s": cached["timing"]["run_s"]}
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    progress(f"running ({level}, device {device}, seed {seed}, {threads} CPU thread(s))")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = module.run(config)
+        run_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        figures = [str(p) for p in module.plot(results, out)]
+        plot_s = time.perf_counter() - t1
+    finally:
+        torch.set_num_threads(previous_threads)
+    record = {
+        "experiment": name,
+        "title": module.TITLE,
+        "level": level,
+        "config": config,
+        "config_hash": chash,
+        "revision": revision,
+        "seed": int(seed),
+        "device": device,
+        "cpu_threads": threads,
+        "versions": _versions(),
+        "timing": {"run_s": run_s, "plot_s": plot_s, "started": started,
+                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "command": f"python -m experiments run {name} --{level} --device {device} --seed {seed}",
+        "results": results,
+        "figures": figures,
+    }
+    write_json_atomic(json_path, record)
+    progress(f"done in {run_s + plot_s:.1f} s -> {json_path}")
+    return {"name": name, "status": "ran", "json": str(json_path), "figures": figures,
+            "wall_s": run_s + plot_s}
+
+
+def run_all(level: str = "quick", **kwargs) -> list[dict[str, Any]]:
+    """Run every registered experiment in turn (each result is saved as soon as it is done)."""
+    return [run_experiment(name, level, **kwargs) for name in EXPERIMENTS]
+
+
+def figures_markdown(out: str | Path = "figures", level: str = "quick") -> str:
+    """The README section: every figure with one line on what it shows and its command."""
+    lines = [
+        "## Figures",
+        "",
+        "Every figure below is regenerated, with its results as JSON beside it, by",
+        "",
+        "```",
+        f"python -m experiments all --{level}",
+        "```",
+        "",
+        "(about the wall times given below on a 2-core CPU; `--full` sizes and `--device cuda` "
+        "are for a GPU). One experiment alone: `python -m experiments run NAME`; "
+        "`--force` recomputes cached results.",
+        "",
+    ]
+    import json
+
+    for name in EXPERIMENTS:
+        module = get(name)
+        wall = ""
+        json_path = Path(out) / f"{name}.json"
+        if json_path.exists():
+            with open(json_path) as fh:
+                data = json.load(fh)
+            t = data["timing"]["run_s"] + data["timing"]["plot_s"]
+            wall = f" ({t:.0f} s)"
+        lines += [f"### `{name}`: {module.TITLE}", ""]
+        for stem in module.FIGURES:
+            lines.append(f"![{name}: {stem}](figures/{stem}.png)")
+        lines += ["", module.CAPTION.strip(), "",
+                  f"Command: `python -m experiments run {name} --{level}`{wall}", ""]
+    return "\n".join(lines)
