@@ -36,7 +36,7 @@ import numpy as np
 import scipy.linalg
 
 from ._checks import NotRepresentable, check_eps, check_square_real
-from .inverse import preimage, primary_inverse
+from .inverse import _newton, preimage, primary_inverse
 from .jordan import jordan_block_sizes, jordan_chains
 from .psi import psi_matrix
 from .range import min_gain, min_gain_point
@@ -246,8 +246,6 @@ def _nonreal_preimage(lam: float, eps: float) -> complex:
     # a non-real preimage of a real lam >= m_eps (paired blocks at the critical value): follow
     # Psi from the upper half plane down to lam
     z = preimage(complex(lam, 1e-3 * max(1.0, abs(lam))), eps)
-    from .inverse import _newton
-
     z, ok = _newton(z, complex(lam), eps, 1e-14 * max(1.0, abs(lam)))
     if not ok or abs(z.imag) < 1e-8:
         raise NotRepresentable(f"no non-real preimage of {lam} found for the paired blocks")
@@ -285,7 +283,13 @@ def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
         elif c.treatment == "critical":
             X = min_gain_point(eps)[1] * np.eye(len(g))
         else:  # paired
-            X = _paired_block(B, lam, c.blocks, eps, scale, rank_tol)
+            try:
+                X = _paired_block(B, lam, c.blocks, eps, scale, rank_tol)
+            except (np.linalg.LinAlgError, IndexError, ZeroDivisionError) as exc:
+                raise NotRepresentable(
+                    f"the paired Jordan blocks at {lam:.6g} could not be resolved numerically "
+                    f"({exc}); the decision is tolerance-dependent here"
+                ) from exc
         columns.append(V.astype(complex))
         blocks.append(X.astype(complex))
     V = np.column_stack(columns)
