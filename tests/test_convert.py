@@ -343,3 +343,34 @@ def test_transformer_encoder_eval_mode_reversible_forward_reconstructs():
         conv(x).square().sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+class _Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + torch.tanh(self.f(x))
+
+
+def test_learned_gamma_in_a_stage_named_by_index():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(*[_Res() for _ in range(4)]),
+                          nn.Linear(4, 2)).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    grads = []
+    for reversible in (True, False):
+        gamma = nn.Parameter(torch.tensor(0.7, dtype=DT))
+        conv = mode.convert(model, ["1"], gamma=gamma, reversible=reversible)
+        assert isinstance(conv[1], MomentumStage)
+        assert any(p is gamma for p in conv.parameters())
+        conv(x).square().sum().backward()
+        grads.append(gamma.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    # and against a central finite difference in gamma
+    delta = 1e-6
+    with torch.no_grad():
+        up, down = (mode.convert(model, ["1"], gamma=0.7 + s * delta)(x).square().sum()
+                    for s in (1, -1))
+    torch.testing.assert_close(grads[0], (up - down) / (2 * delta), rtol=1e-6, atol=1e-8)
