@@ -490,3 +490,25 @@ def test_other_bad_inputs():
     torch.testing.assert_close(plain(x), x + f[0](x))
     with pytest.raises(ValueError, match="no inverse"):
         plain.inverse(x, x)
+
+
+def _saved_numel(arch, depth, reversible):
+    """Scalars autograd keeps for the backward pass of one forward."""
+    net = build(arch, depth=depth, reversible=reversible)
+    s0, s1, c = inputs()
+    s0 = s0.clone().requires_grad_(True)
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(arch, net, s0, s1, c)
+    return total[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reversible_memory_does_not_grow_with_depth(arch):
+    assert _saved_numel(arch, 2, True) == _saved_numel(arch, 12, True)
+    assert _saved_numel(arch, 12, False) > 3 * _saved_numel(arch, 2, False)
