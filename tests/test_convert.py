@@ -374,3 +374,30 @@ def test_learned_gamma_in_a_stage_named_by_index():
         up, down = (mode.convert(model, ["1"], gamma=0.7 + s * delta)(x).square().sum()
                     for s in (1, -1))
     torch.testing.assert_close(grads[0], (up - down) / (2 * delta), rtol=1e-6, atol=1e-8)
+
+
+def _saved_numel(model, x):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total[0]
+
+
+def test_converted_stage_memory_does_not_grow_with_its_depth():
+    from mode.models import BasicBlock, ResNet
+
+    x = images().requires_grad_(True)
+    saved = {}
+    for blocks in (2, 6):
+        torch.manual_seed(0)
+        model = ResNet(BasicBlock, [1, blocks, 1, 1], width=2).to(DT)
+        for reversible in (True, False):
+            conv = mode.convert(model, ["layer2"], gamma=0.9, reversible=reversible)
+            saved[blocks, reversible] = _saved_numel(conv, x)
+    assert saved[2, True] == saved[6, True]
+    assert saved[6, False] > saved[2, False]
