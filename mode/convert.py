@@ -81,17 +81,18 @@ class _Residual(nn.Module):
     def _call_block(self, x: torch.Tensor, spec: _CallSpec, values: tuple) -> torch.Tensor:
         args = values[: spec.n]
         kwargs = dict(zip(spec.names, values[spec.n:]))
-        if not self.no_mha_fastpath:
+        mha = getattr(torch.backends, "mha", None)
+        if not self.no_mha_fastpath or not hasattr(mha, "set_fastpath_enabled"):
             return self.block(x, *args, **kwargs)
         # The attention fast path is taken only when autograd is off; the reversible engine
         # runs its forward without autograd and recomputes with it, so both must use the same
         # (standard) kernels to reconstruct the same values.
-        previous = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
+        previous = mha.get_fastpath_enabled()
+        mha.set_fastpath_enabled(False)
         try:
             return self.block(x, *args, **kwargs)
         finally:
-            torch.backends.mha.set_fastpath_enabled(previous)
+            mha.set_fastpath_enabled(previous)
 
     def forward(self, x: torch.Tensor, spec: _CallSpec, *values) -> torch.Tensor:
         out = self._call_block(x, spec, values)
