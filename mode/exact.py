@@ -53,7 +53,7 @@ def floor_divide(t: torch.Tensor, m: int | torch.Tensor, exact_in_float64: bool)
         return t >> (m.bit_length() - 1)  # arithmetic shift: floor for negatives too
     if exact_in_float64:
         m = m.to(torch.float64) if isinstance(m, torch.Tensor) else float(m)
-        return t.to(torch.float64).div_(m, rounding_mode="floor").to(torch.int64)
+        return torch.floor(t.to(torch.float64) / m).to(torch.int64)
     return t // m
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 
@@ -133,13 +133,13 @@ class FixedPoint:
 class InformationBuffer:
     """A stack of mixed-radix digits per scalar: what ``floor`` forgets, kept losslessly.
 
-    Each scalar owns a word ``w`` (``1 <= w < 2^52``; ``w = 1`` is an empty word) and a stack
-    of full words. ``push(k, b)`` with ``0 <= k < b <= max_base`` sets ``w <- w b + k``, first
-    moving a word above ``2^52 / max_base`` onto the stack; ``pop(b)`` returns ``w mod b`` and
-    sets ``w <- w div b``, reloading the word below when ``w`` returns to ``1``. ``push`` and
-    ``pop`` are exact inverses (a base-1 digit changes nothing, so where an empty word is
-    reloaded around one does not matter), the buffer never loses or invents information, and it
-    grows only when it must. Words stay below ``2^52`` so that ``pop`` divides exactly in float64.
+    Each scalar owns a word ``w`` (an integer ``1 <= w < 2^52``, held exactly in float64;
+    ``w = 1`` is an empty word) and a stack of full words. ``push(k, b)`` with
+    ``0 <= k < b <= max_base`` sets ``w <- w b + k``, first moving a word above
+    ``2^52 / max_base`` onto the stack; ``pop(b)`` returns ``w mod b`` and sets ``w <- w div b``,
+    reloading the word below when ``w`` returns to ``1``. ``push`` and ``pop`` are exact inverses
+    (a base-1 digit changes nothing, so where an empty word is reloaded around one does not
+    matter): the buffer never loses or invents information, and grows only when it must.
 
     Parameters
     ----------
@@ -151,10 +151,11 @@ class InformationBuffer:
     def __init__(self, shape: torch.Size, device: torch.device | str = "cpu"):
         self.shape = torch.Size(shape)
         n = self.shape.numel()
-        self.word = torch.ones(n, dtype=torch.int64, device=device)
+        self.word = torch.ones(n, dtype=torch.float64, device=device)
         self.height = torch.zeros(n, dtype=torch.int64, device=device)
-        self.stack = torch.zeros(0, n, dtype=torch.int64, device=device)
-        self._tables: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.stack = torch.zeros(0, n, dtype=torch.float64, device=device)
+        self._bound = 1  # an upper bound on every word, so that most pushes need no test
+        self._stacked = False  # whether any scalar has a word on its stack
 
     def _grow(self, levels: int) -> None:
         new = max(levels, 2 * self.stack.shape[0], 4)
@@ -162,34 +163,44 @@ class InformationBuffer:
         grown[: self.stack.shape[0]] = self.stack
         self.stack = grown
 
-    def push(self, k: torch.Tensor, b: torch.Tensor, max_base: int) -> None:
+    def push(self, k: torch.Tensor, b: torch.Tensor | int, max_base: int) -> None:
         """Push digits ``k`` (``0 <= k < b <= max_base``, the state's shape) in bases ``b``."""
-        k, b = k.reshape(-1), b.reshape(-1)
-        full = self.word >= _WORD_LIMIT // max_base
-        if bool(full.any()):
-            idx = full.nonzero().squeeze(1)
-            levels = self.height[idx]
-            top = int(levels.max()) + 1
-            if top > self.stack.shape[0]:
-                self._grow(top)
-            self.stack[levels, idx] = self.word[idx]
-            self.height[idx] = levels + 1
-            self.word[idx] = 1
-        self.word = torch.addcmul(k, self.word, b)
+        k = k.reshape(-1).to(torch.float64)
+        if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
+            full = self.word >= _WORD_LIMIT // max_base
+            if bool(full.any()):
+                idx = full.nonzero().squeeze(1)
+                levels = self.height[idx]
+                top = int(levels.max()) + 1
+                if top > self.stack.shape[0]:
+                    self._grow(top)
+                self.stack[levels, idx] = self.word[idx]
+                self.height[idx] = levels + 1
+                self.word[idx] = 1.0
+                self._stacked = True
+            self._bound = int(self.word.max())
+        if isinstance(b, int):
+            self.word = torch.add(k, self.word, alpha=b)
+        else:
+            self.word = torch.addcmul(k, self.word, b.reshape(-1).to(torch.float64))
+        self._bound = self._bound * max_base + max_base - 1
 
-    def pop(self, b: torch.Tensor) -> torch.Tensor:
-        """Pop and return the digits pushed last in bases ``b`` (the state's shape)."""
-        b = b.reshape(-1)
-        quotient = floor_divide(self.word, b, True)  # words stay below 2^52
+    def pop(self, b: torch.Tensor | int) -> torch.Tensor:
+        """Pop and return (as int64) the digits pushed last in bases ``b`` (the state's shape)."""
+        if not isinstance(b, int):
+            b = b.reshape(-1).to(torch.float64)
+        quotient = torch.floor(self.word / b)  # exact: words are integers below 2^52
         k = self.word - quotient * b
         self.word = quotient
-        empty = (quotient == 1) & (self.height > 0)
-        if bool(empty.any()):
-            idx = empty.nonzero().squeeze(1)
-            levels = self.height[idx] - 1
-            self.word[idx] = self.stack[levels, idx]
-            self.height[idx] = levels
-        return k.reshape(self.shape)
+        if self._stacked:
+            empty = (quotient == 1.0) & (self.height > 0)
+            if bool(empty.any()):
+                idx = empty.nonzero().squeeze(1)
+                levels = self.height[idx] - 1
+                self.word[idx] = self.stack[levels, idx]
+                self.height[idx] = levels
+                self._stacked = bool((self.height > 0).any())
+        return k.reshape(self.shape).to(torch.int64)
 
     def reader(self) -> InformationBuffer:
         """A cursor on the same digits: popping from it leaves this buffer intact."""
@@ -198,13 +209,14 @@ class InformationBuffer:
         other.word = self.word.clone()
         other.height = self.height.clone()
         other.stack = self.stack  # popped levels are only read, never overwritten
-        other._tables = self._tables
+        other._bound = self._bound
+        other._stacked = self._stacked
         return other
 
     @property
     def bits(self) -> int:
         """Information held, in bits (52 per full word plus the bits of the open words)."""
-        open_bits = torch.log2(self.word.to(torch.float64)).sum()
+        open_bits = torch.log2(self.word).sum()
         return int(52 * int(self.height.sum()) + math.ceil(float(open_bits)))
 
     @property
@@ -212,14 +224,25 @@ class InformationBuffer:
         """Bytes allocated for the buffer (words, heights and the stack)."""
         return 8 * (self.word.numel() + self.height.numel() + self.stack.numel())
 
-    def _fibre_tables(self, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For ``r = q n mod d``: position ``r div n`` and size of the fibre; size by ``s``."""
-        key = (n, d)
-        if key not in self._tables:
-            r = torch.arange(d, dtype=torch.int64, device=self.word.device)
-            s = torch.arange(n, dtype=torch.int64, device=self.word.device)
-            self._tables[key] = (r // n, (d - r % n + n - 1) // n, (d - s + n - 1) // n)
-        return self._tables[key]
+    @staticmethod
+    def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre.
+
+        For ``d < 2n`` (multipliers above 1/2) both are comparisons: the position is
+        ``[r >= n]`` and the size ``1 + [r mod n < d - n]``.
+        """
+        if d < 2 * n:
+            position = (r >= n).to(torch.int64)
+            return position, 1 + (r - n * position < d - n).to(torch.int64)
+        position = floor_divide(r, n, True)  # r < d: small, exact in float64
+        return position, floor_divide(d - (r - n * position) + n - 1, n, True)
+
+    @staticmethod
+    def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
+        """``ceil((d - s) / n)`` for ``0 <= s < n``."""
+        if d < 2 * n:
+            return 1 + (s < d - n).to(torch.int64)
+        return floor_divide(d - s + n - 1, n, True)
 
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """``q -> sign * floor(q n / d)``, pushing the position of ``q`` in its fibre.
@@ -232,10 +255,9 @@ class InformationBuffer:
             out = floor_divide(t, d, max(n, d) <= _FLOAT_DIVISION_MAX)
             r = t - out * d
             if n == 1:  # the fibre of out is [out d, out d + d): position r, size d
-                self.push(r, torch.full_like(r, d), d)
+                self.push(r, d, d)
             else:
-                position, size, _ = self._fibre_tables(n, d)
-                self.push(position[r], size[r], -(-d // n))
+                self.push(*self._fibre_of_remainder(r, n, d), -(-d // n))
             q = out
         return -q if sign < 0 else q
 
@@ -250,11 +272,10 @@ class InformationBuffer:
         if n != d:
             u = q * d
             if n == 1:
-                q = u + self.pop(torch.full_like(u, d))
+                q = u + self.pop(d)
             else:
                 lo = -floor_divide(-u, n, max(n, d) <= _FLOAT_DIVISION_MAX)
-                s = lo * n - u
-                q = lo + self.pop(self._fibre_tables(n, d)[2][s])
+                q = lo + self.pop(self._fibre_size(lo * n - u, n, d))
         return q
 
     def __repr__(self) -> str:

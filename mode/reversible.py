@@ -94,27 +94,33 @@ def _check_steps(steps: Sequence[ReversibleStep]) -> list[ReversibleStep]:
     return steps
 
 
-def _check_invertible(steps: list[ReversibleStep]) -> None:
+def _log_amplification(steps: Sequence[ReversibleStep]) -> float:
+    """``-sum log |alpha|`` over the chain; raises if some ``alpha = 0`` (not invertible)."""
+    log = 0.0
     for i, step in enumerate(steps):
         for c in step.couplings():
-            if _alpha_value(c.alpha) == 0.0:
+            a = abs(_alpha_value(c.alpha))
+            if a == 0.0:
                 raise ValueError(
                     f"step {i} has a coupling with alpha = 0, which cannot be inverted (for a "
                     f"momentum step this is gamma = 0, a plain ResNet); use reversible=False"
                 )
+            if a != 1.0:
+                log -= math.log(a)
+    return log
+
+
+def _check_invertible(steps: list[ReversibleStep]) -> None:
+    _log_amplification(steps)
 
 
 def predicted_amplification(steps: Sequence[ReversibleStep]) -> float:
     """``prod |alpha|^-1`` over the chain: the factor by which float reversal amplifies error."""
-    log = 0.0
-    for step in steps:
-        for c in step.couplings():
-            a = abs(_alpha_value(c.alpha))
-            log -= math.log(a) if a > 0 else -math.inf
-    return math.exp(min(log, 700.0))
+    return math.exp(min(_log_amplification(steps), 700.0))
 
 
 def _warn_amplification(steps: list[ReversibleStep], dtype: torch.dtype) -> None:
+    """Check invertibility and warn when float reversal is predicted to be untrustworthy."""
     amp = predicted_amplification(steps)
     err = torch.finfo(dtype).eps * amp
     if err > AMPLIFICATION_WARN:
@@ -181,6 +187,19 @@ def _frozen_batchnorm(module: nn.Module):
 # bookkeeping of what receives gradients
 
 
+def _parameters(module: nn.Module) -> list[torch.Tensor]:
+    """``list(module.parameters())`` (duplicates included), without the generator overhead."""
+    out, todo, seen = [], [module], set()
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.extend(p for p in m._parameters.values() if p is not None)
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return out
+
+
 def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.Tensor], list]:
     """Tensors that receive gradients: tensor args, parameters and tensor alphas of the steps.
 
@@ -198,7 +217,7 @@ def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.
     arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     per_step = []
     for step in steps:
-        own = [add(p) for p in step.parameters() if p.requires_grad]
+        own = [add(p) for p in _parameters(step) if p.requires_grad]
         for c in step.couplings():
             if isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad:
                 own.append(add(c.alpha))
@@ -495,10 +514,11 @@ def integrate(
         for step in steps:
             s = apply_step(step, s, args)
         return s
-    _check_invertible(steps)
-    fp = FixedPoint(frac_bits) if exact else None
-    if not exact:
+    if exact:
+        _check_invertible(steps)
+    else:
         _warn_amplification(steps, s0.dtype)
+    fp = FixedPoint(frac_bits) if exact else None
     tensors, grad_index = _grad_tensors(steps, args)
     chain = _Chain(steps, args, fp, grad_index)
     out = _ReversibleFunction.apply(chain, s0, s1, *tensors)
