@@ -156,3 +156,33 @@ def test_certificate_detects_a_wrong_preimage():
     assert not cert.passed and cert.error > 1e-4
     with pytest.raises(ValueError, match="same shape"):
         theory.certify(np.eye(2), np.eye(3), 0.4)
+
+
+# --- tolerances and conditioning ----------------------------------------------------------
+
+def test_near_degenerate_spectra_follow_the_documented_tolerances():
+    eps = 0.5
+    # a complex pair 1e-7 off the real axis below m_eps: representable (conjugate preimages)
+    D = np.array([[-2.0, -1e-7], [1e-7, -2.0]])
+    assert theory.is_representable(D, eps)
+    _certified(theory.find_theta(D, eps), D, eps)
+    # two distinct real eigenvalues 1e-7 apart below m_eps: two unpaired 1x1 blocks
+    assert not theory.is_representable(np.diag([-2.0, -2.0 - 1e-7]), eps)
+
+
+def test_scale_of_d_does_not_blur_the_critical_value():
+    # cluster radius scales with ||D||; an eigenvalue 3 of a matrix of norm ~1e6 must still be
+    # handled on the regular branch (not at the critical value m_eps ~ -0.38)
+    rng = np.random.default_rng(9)
+    D = similar(np.diag([-1e6, -1e6, 3.0]), rng, cond_max=10)
+    an = theory.analyze(D, 0.5)
+    assert [c.treatment for c in an.clusters] == ["paired", "primary"]
+    _certified(theory.find_theta(D, 0.5), D, 0.5)
+
+
+def test_certificate_reports_amplification_near_a_zero_of_psi():
+    D = 1e-8 * np.eye(2)  # Psi_eps(theta) = 1e-8: x(t) is O(1) and crosses zero near t = 1
+    con = theory.construct(D, 0.3)
+    cert = theory.certify(con.theta, D, 0.3)
+    assert cert.amplification > 1e7
+    assert cert.error <= 100 * cert.rtol * cert.amplification

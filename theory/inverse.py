@@ -3,10 +3,12 @@ r"""Local inverses of ``Psi_eps``: scalar preimages and primary inverse function
 *Scalar preimages.* For real ``lam >= m_eps`` the real preimage on the increasing branch
 (:func:`theory.range.real_preimage`).  Otherwise ``z`` with ``Psi_eps(z) = lam`` is found by
 continuation along the arc ``lam(t) = |lam| exp(i t arg lam)``, ``t: 0 -> 1``, starting from the
-real preimage of ``|lam|`` (Newton corrector, adaptive step).  The critical values of
-``Psi_eps`` met on the real axis are real; the arc leaves the real axis at once, so it meets no
-critical value (``Psi' != 0`` is checked along the way).  A real ``lam < m_eps`` is reached from
-the upper half plane.  At ``eps = 0`` this is the principal ``log``.
+real preimage of ``|lam|`` (Euler predictor, Newton corrector, adaptive step; a failed step is
+halved, and a continuation that stalls raises).  A Newton search over a grid of complex starts
+finds only real critical points of ``Psi_eps`` (so real critical values), which the arc leaves
+at once; this is evidence, not a proof, and the returned root is checked (``Psi' != 0``,
+residual at rounding level).  A real ``lam < m_eps`` is reached from the upper half plane.
+At ``eps = 0`` this is the principal ``log`` (``log|lam| + i pi`` for ``lam < 0``).
 
 *Primary inverse on a cluster.* For a square ``B`` whose eigenvalues cluster at ``lam`` and a
 preimage ``z`` with ``Psi'(z) != 0``, the analytic local inverse ``g`` (``g(lam) = z``) has a
@@ -152,7 +154,7 @@ def primary_inverse(B: np.ndarray, lam: complex, z: complex, eps: float,
     if np.linalg.norm(N) <= 1e-300:
         return out
     a = taylor_coefficients(z, eps, order)
-    if abs(a[1]) <= 1e-13 * scale * max(1.0, abs(z)) ** 0 and n > 0:
+    if abs(a[1]) <= 1e-13 * scale:
         # critical point: only a semisimple cluster (N = 0 up to rounding) can be mapped
         if np.linalg.norm(N) <= 1e-12 * scale:
             return out

@@ -139,18 +139,20 @@ def _invariant_basis(D: np.ndarray, w: np.ndarray, members: list[int], real: boo
     return V, V.conj().T @ D @ V
 
 
-def _classify_real(lam: float, blocks: dict[int, int], eps: float, m: float, radius: float,
+def _classify_real(lam: float, blocks: dict[int, int], eps: float, m: float, at_tol: float,
                    singular: bool) -> str:
+    """``at_tol``: how close to ``m_eps`` counts as *at* the critical value (the cluster's
+    spread plus the rank threshold); ``singular``: ``D`` is singular and this cluster holds 0."""
     paired = all(count % 2 == 0 for count in blocks.values())
     if eps == 0.0:
-        if singular or abs(lam) <= radius:
+        if singular:
             return "singular"
         if lam > 0:
             return "primary"
         return "paired" if paired else "unpaired"
-    if lam > m + radius:
+    if lam > m + at_tol:
         return "primary"
-    if lam >= m - radius:
+    if lam >= m - at_tol:
         if set(blocks) == {1}:
             return "critical"
         return "paired" if paired else "undecided"
@@ -189,7 +191,8 @@ def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
                     visit(g, rad / 1000)
                     continue
                 blocks = {1: len(g)}  # unresolvable at rank_tol: count the copies as simple
-            treatment = _classify_real(lam, blocks, eps, m, rad, singular and abs(lam) <= rad)
+            at_tol = rank_threshold + float(np.max(np.abs(w[g] - lam)))
+            treatment = _classify_real(lam, blocks, eps, m, at_tol, singular and abs(lam) <= rad)
             clusters.append(Cluster(complex(lam), tuple(g), "real", blocks, treatment, rad))
 
     visit(list(range(len(w))), radius)
