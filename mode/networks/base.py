@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,45 @@ from ..exact import DEFAULT_FRAC_BITS
 from ..steps import ReversibleStep, State
 
 __all__ = ["ReversibleNet"]
+
+Function = Callable[..., torch.Tensor]
+
+
+def _as_modules(functions, name: str) -> nn.ModuleList:
+    containers = nn.ModuleList | nn.Sequential
+    if isinstance(functions, nn.Module) and not isinstance(functions, containers):
+        raise TypeError(
+            f"{name} must be a list, nn.ModuleList or nn.Sequential of residual functions, got "
+            f"a single {type(functions).__name__}"
+        )
+    try:
+        functions = list(functions)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of residual functions, got {type(functions).__name__}"
+        ) from None
+    if not functions:
+        raise ValueError(f"{name} must contain at least one residual function, got none")
+    for i, f in enumerate(functions):
+        if not callable(f):
+            raise TypeError(f"{name}[{i}] must be callable, got {type(f).__name__}")
+    return nn.ModuleList(f if isinstance(f, nn.Module) else _Wrap(f) for f in functions)
+
+
+class _Wrap(nn.Module):
+    """Holds a plain callable inside a ModuleList of residual functions."""
+
+    def __init__(self, fn: Function):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
 
 
 def _check_flags(reversible: bool, exact: bool) -> None:

@@ -59,7 +59,7 @@ from .. import reversible as engine
 from ..conventions import check_gamma
 from ..exact import DEFAULT_FRAC_BITS
 from ..steps import Coupling, ReversibleStep
-from .base import ReversibleNet, _check_flags
+from .base import Function, ReversibleNet, _as_modules, _check_flags
 
 __all__ = [
     "ActivatedLayer",
@@ -76,9 +76,6 @@ __all__ = [
     "MRevNet",
     "check_step_size",
 ]
-
-Function = Callable[..., torch.Tensor]
-
 
 # --------------------------------------------------------------------------------------------
 # validation
@@ -98,45 +95,10 @@ def check_step_size(h: float, name: str = "h") -> float:
     return h
 
 
-def _as_modules(functions, name: str) -> nn.ModuleList:
-    containers = nn.ModuleList | nn.Sequential
-    if isinstance(functions, nn.Module) and not isinstance(functions, containers):
-        raise TypeError(
-            f"{name} must be a list, nn.ModuleList or nn.Sequential of residual functions, got "
-            f"a single {type(functions).__name__}"
-        )
-    try:
-        functions = list(functions)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be a sequence of residual functions, got {type(functions).__name__}"
-        ) from None
-    if not functions:
-        raise ValueError(f"{name} must contain at least one residual function, got none")
-    for i, f in enumerate(functions):
-        if not callable(f):
-            raise TypeError(f"{name}[{i}] must be callable, got {type(f).__name__}")
-    return nn.ModuleList(f if isinstance(f, nn.Module) else _Wrap(f) for f in functions)
-
-
 def _check_depth_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
-
-
-class _Wrap(nn.Module):
-    """Holds a plain callable inside a ModuleList of residual functions."""
-
-    def __init__(self, fn: Function):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-    def extra_repr(self) -> str:
-        return getattr(self.fn, "__name__", repr(self.fn))
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .. import reversible as engine
 from ..conventions import check_gamma, gamma_to_eps
 from ..exact import DEFAULT_FRAC_BITS
 from ..steps import MomentumStep
-from .base import ReversibleNet, _check_flags
+from .base import ReversibleNet, _as_modules, _check_flags
 
 __all__ = ["MomentumResNet"]
 
@@ -68,19 +68,7 @@ class MomentumResNet(ReversibleNet):
     ):
         nn.Module.__init__(self)
         _check_flags(reversible, exact)
-        if isinstance(functions, nn.Module) and not isinstance(
-            functions, nn.ModuleList | nn.Sequential
-        ):
-            raise TypeError(
-                "functions must be a list, nn.ModuleList or nn.Sequential of residual functions, "
-                f"got a single {type(functions).__name__}"
-            )
-        functions = list(functions)
-        if not functions:
-            raise ValueError("functions must contain at least one residual function, got none")
-        for i, f in enumerate(functions):
-            if not callable(f):
-                raise TypeError(f"functions[{i}] must be callable, got {type(f).__name__}")
+        functions = _as_modules(functions, "functions")
         if init_velocity is not None and not callable(init_velocity):
             raise TypeError(f"init_velocity must be callable, got {type(init_velocity).__name__}")
         check_gamma(gamma)
@@ -89,9 +77,7 @@ class MomentumResNet(ReversibleNet):
                 "gamma = 0 is a plain ResNet, which has no inverse: reversible=True is "
                 "impossible. Use reversible=False, or gamma in (0, 1]."
             )
-        self.functions = nn.ModuleList(
-            f if isinstance(f, nn.Module) else _Wrap(f) for f in functions
-        )
+        self.functions = functions
         if isinstance(gamma, nn.Parameter):
             self.gamma = gamma
         elif isinstance(gamma, torch.Tensor) and not gamma.requires_grad:
@@ -190,17 +176,3 @@ class MomentumResNet(ReversibleNet):
             f"(horizon 1), reversible={self.reversible} ({mode}), "
             f"init_velocity={'yes' if self.init_velocity is not None else 'no (v0 = 0)'}"
         )
-
-
-class _Wrap(nn.Module):
-    """Holds a plain callable inside the ModuleList of residual functions."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-    def extra_repr(self) -> str:
-        return getattr(self.fn, "__name__", repr(self.fn))
