@@ -1,0 +1,579 @@
+"""One entry point for the continuous model ``eps x'' + x' = F(t, x)`` and its first-order limit.
+
+:func:`odeint` solves
+
+    eps x'' + x' = F(t, x),   x(t_0) = x_0,   x'(t_0) = u_0          (eps > 0)
+    x' = F(t, x),             x(t_0) = x_0                            (eps = 0)
+
+with any torchdiffeq method (fixed-grid or adaptive, plain autograd or ``odeint_adjoint``) or
+with the Momentum ResNet rule itself used as a fixed-grid integrator (``method="momentum"``).
+For ``eps > 0`` the torchdiffeq methods integrate the first-order system in ``(x, u = x')``
+
+    x' = u,    u' = (F(t, x) - u) / eps.
+
+The momentum method runs, on a grid of step ``h``,
+
+    v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n),   x_{n+1} = x_n + v_{n+1},
+    f_n(x) = h F(t_n, x),   gamma = eps_to_gamma(eps, depth=1, horizon=h) = 1 - h / eps,
+    v_0 = h u_0,            velocity u_n = v_n / h,
+
+which is exactly a :class:`mode.MomentumResNet` with those ``f_n`` and ``gamma`` (DESIGN.md 1).
+It needs ``h <= eps``; ``eps = 0`` gives ``gamma = 0``, forward Euler. Its gradient strategy is
+chosen by ``adjoint``: ``False`` is plain autograd, ``"reversible"`` backpropagates through the
+bit-exact fixed-point reconstruction of ``mode.reversible`` (no stored activations: memory
+independent of the number of steps, gradients equal to autograd's on the same forward) and
+``True`` through the float reconstruction (the same memory, gradients exact up to a rounding
+error amplified by about ``gamma^{-N}``, the analogue of an adjoint's approximate gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+import torchdiffeq
+from torch import nn
+
+from .conventions import eps_to_gamma
+from .steps import Coupling, MomentumStep, ReversibleStep
+
+__all__ = ["odeint", "MethodInfo", "METHODS", "known_methods"]
+
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+# ----------------------------------------------------------------------------- method registry
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the library knows about an integration method.
+
+    ``family`` is ``"adaptive"`` or ``"fixed"`` (torchdiffeq) or ``"discrete"`` (the momentum
+    rule); ``order`` is the classical order of accuracy (``None`` when variable); ``reversible``
+    says whether ``adjoint="reversible"`` is available.
+    """
+
+    name: str
+    family: str
+    order: int | None
+    reversible: bool = False
+    description: str = ""
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("dopri8", "adaptive", 8, description="Dormand-Prince 8(7), torchdiffeq"),
+        MethodInfo("dopri5", "adaptive", 5, description="Dormand-Prince 5(4), torchdiffeq"),
+        MethodInfo("bosh3", "adaptive", 3, description="Bogacki-Shampine 3(2), torchdiffeq"),
+        MethodInfo("fehlberg2", "adaptive", 2, description="Runge-Kutta-Fehlberg 2(1)"),
+        MethodInfo("adaptive_heun", "adaptive", 2, description="Heun-Euler 2(1), torchdiffeq"),
+        MethodInfo("euler", "fixed", 1, description="forward Euler, torchdiffeq"),
+        MethodInfo("midpoint", "fixed", 2, description="explicit midpoint, torchdiffeq"),
+        MethodInfo("heun2", "fixed", 2, description="Heun's method, torchdiffeq"),
+        MethodInfo("heun3", "fixed", 3, description="Heun's third-order method, torchdiffeq"),
+        MethodInfo("rk4", "fixed", 4, description="Runge-Kutta 4 (3/8 rule), torchdiffeq"),
+        MethodInfo("explicit_adams", "fixed", None, description="Adams-Bashforth, torchdiffeq"),
+        MethodInfo("implicit_adams", "fixed", None, description="Adams-Bashforth-Moulton"),
+        MethodInfo("fixed_adams", "fixed", None, description="alias of implicit_adams"),
+        MethodInfo("scipy_solver", "adaptive", None, description="scipy solve_ivp (no autograd)"),
+        MethodInfo(
+            "momentum", "discrete", 1, reversible=True,
+            description="the Momentum ResNet rule as a fixed-grid integrator (mode)",
+        ),
+    )
+}
+TORCHDIFFEQ_METHODS = tuple(name for name, m in METHODS.items() if m.family != "discrete")
+_ADJOINT_CHOICES = (False, True, "reversible")
+
+
+def known_methods() -> tuple[str, ...]:
+    """Names accepted by ``odeint(..., method=...)``."""
+    return tuple(METHODS)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _as_tuple(x: State, name: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(c, torch.Tensor) for c in x):
+        return tuple(x)
+    raise TypeError(
+        f"{name} must be a tensor or a non-empty tuple of tensors, got {type(x).__name__}"
+    )
+
+
+def _check_x0(x0: State) -> tuple[torch.Tensor, ...]:
+    xs = _as_tuple(x0, "x0")
+    for i, c in enumerate(xs):
+        if not c.dtype.is_floating_point:
+            raise TypeError(f"x0[{i}] must be a floating tensor, got dtype {c.dtype}")
+        if c.dtype != xs[0].dtype or c.device != xs[0].device:
+            raise TypeError(
+                f"all components of x0 must share dtype and device; x0[0] is {xs[0].dtype} on "
+                f"{xs[0].device}, x0[{i}] is {c.dtype} on {c.device}"
+            )
+    return xs
+
+
+def _check_t(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, Sequence) and all(isinstance(s, Real) for s in t):
+            t = torch.tensor([float(s) for s in t], dtype=like.dtype)
+        else:
+            raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"t must be a non-empty 1-D tensor of times, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"t must be a floating tensor, got dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"t must be finite, got {t.tolist()}")
+    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+        raise ValueError(f"t must be strictly increasing, got {t.tolist()}")
+    return t.to(device=like.device)
+
+
+def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
+    """Return eps as a float, or as a scalar tensor when it requires grad."""
+    if isinstance(eps, torch.Tensor):
+        if eps.numel() != 1:
+            raise ValueError(f"eps must be a scalar, got a tensor of shape {tuple(eps.shape)}")
+        if not eps.dtype.is_floating_point:
+            raise TypeError(f"eps must be a floating scalar, got dtype {eps.dtype}")
+        value = float(eps.detach())
+    elif isinstance(eps, Real) and not isinstance(eps, bool):
+        value = float(eps)
+    else:
+        raise TypeError(f"eps must be a float or a scalar tensor, got {type(eps).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"eps must be a finite number >= 0 (0: first-order ODE), got {value}")
+    if isinstance(eps, torch.Tensor) and eps.requires_grad:
+        return eps.reshape(())
+    return value
+
+
+def _check_u0(u0: State | None, xs: tuple[torch.Tensor, ...], eps_value: float):
+    if u0 is None:
+        return tuple(torch.zeros_like(c) for c in xs)
+    if eps_value == 0:
+        raise ValueError(
+            "u0 was given but eps == 0: the first-order ODE x' = F(t, x) has no initial "
+            "velocity; pass u0=None or eps > 0"
+        )
+    us = _as_tuple(u0, "u0")
+    if len(us) != len(xs) or any(u.shape != c.shape for u, c in zip(us, xs, strict=False)):
+        raise ValueError(
+            f"u0 must have the structure and shapes of x0: x0 {[tuple(c.shape) for c in xs]}, "
+            f"u0 {[tuple(u.shape) for u in us]}"
+        )
+    return tuple(u.to(dtype=c.dtype, device=c.device) for u, c in zip(us, xs, strict=True))
+
+
+def _check_method(method: str) -> MethodInfo:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; known methods: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def _check_adjoint(adjoint, info: MethodInfo, eps_value: float, func) -> None:
+    if not any(adjoint is a or (isinstance(a, str) and adjoint == a) for a in _ADJOINT_CHOICES):
+        raise ValueError(f"adjoint must be False, True or 'reversible', got {adjoint!r}")
+    if adjoint == "reversible":
+        if not info.reversible:
+            raise ValueError(
+                f"adjoint='reversible' needs a method that can run backwards exactly; "
+                f"method={info.name!r} cannot. Use method='momentum' (reversible methods: "
+                f"{', '.join(n for n, m in METHODS.items() if m.reversible)}) or adjoint=True"
+            )
+        if eps_value == 0:
+            raise ValueError(
+                "adjoint='reversible' with eps=0: the momentum method is then forward Euler "
+                "(gamma = 0), which is not invertible; use eps > 0 or adjoint=False/True"
+            )
+    if adjoint is True and info.family == "discrete" and eps_value == 0:
+        raise ValueError(
+            "adjoint=True with method='momentum' and eps=0: the memory-saving backward "
+            "reconstructs the forward, and forward Euler (gamma = 0) is not invertible"
+        )
+    if adjoint is not False and not isinstance(func, nn.Module):
+        raise TypeError(
+            f"adjoint={adjoint!r} needs func to be an nn.Module whose parameters() cover every "
+            f"tensor it uses (their gradients are computed in a separate backward pass); got "
+            f"{type(func).__name__}"
+        )
+
+
+# ----------------------------------------------------------------------------- vector fields
+
+
+class Field(nn.Module):
+    """The user's ``func(t, x)`` on a tuple state, with shape checks and an evaluation counter.
+
+    ``forward(t, xs)`` takes and returns a tuple of tensors; ``func`` itself is called with a
+    tensor when the state is a single tensor and with a tuple otherwise (torchdiffeq's
+    convention). ``nfe`` counts evaluations; ``mode.networks.ode`` splits it by pass.
+    """
+
+    def __init__(self, func: Callable, shapes: Sequence[torch.Size] | None = None):
+        super().__init__()
+        if not callable(func):
+            raise TypeError(f"func must be callable as func(t, x), got {type(func).__name__}")
+        self.func = func  # registered as a submodule when it is an nn.Module
+        self.shapes = None if shapes is None else tuple(shapes)
+        self.nfe = 0
+        self.counter: Callable[[], None] | None = None
+
+    def forward(self, t: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        self.nfe += 1
+        if self.counter is not None:
+            self.counter()
+        out = self.func(t, xs[0] if len(xs) == 1 else xs)
+        outs = (out,) if len(xs) == 1 else out
+        if len(xs) == 1 and not isinstance(out, torch.Tensor):
+            raise TypeError(f"func must return a tensor, got {type(out).__name__}")
+        if not isinstance(outs, (tuple, list)) or len(outs) != len(xs):
+            raise ValueError(
+                f"func must return a tuple of {len(xs)} tensors like its input state, got "
+                f"{type(out).__name__}"
+            )
+        for i, (o, c) in enumerate(zip(outs, xs, strict=True)):
+            if not isinstance(o, torch.Tensor) or o.shape != c.shape:
+                got = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+                raise ValueError(
+                    f"func returned the wrong shape for state component {i}: expected "
+                    f"{tuple(c.shape)} (the shape of x), got {got}"
+                )
+        return tuple(outs)
+
+
+class _FirstOrder(nn.Module):
+    """``x' = F(t, x)`` in torchdiffeq's form (a tensor state, or a tuple)."""
+
+    def __init__(self, field: Field, single: bool):
+        super().__init__()
+        self.field = field
+        self.single = single
+
+    def forward(self, t, y):
+        if self.single:
+            return self.field(t, (y,))[0]
+        return self.field(t, tuple(y))
+
+
+class _SecondOrder(nn.Module):
+    """``(x, u)' = (u, (F(t, x) - u) / eps)`` on the tuple ``(x_1..x_m, u_1..u_m)``."""
+
+    def __init__(self, field: Field, m: int, eps: float | torch.Tensor):
+        super().__init__()
+        self.field = field
+        self.m = m
+        self.__dict__["eps"] = eps  # never registered: a Parameter eps is an adjoint param
+
+    def forward(self, t, y):
+        xs, us = tuple(y[: self.m]), tuple(y[self.m :])
+        fs = self.field(t, xs)
+        return (*us, *((f - u) / self.eps for f, u in zip(fs, us, strict=True)))
+
+
+# ----------------------------------------------------------------------------- momentum method
+
+
+def momentum_grid(t: Sequence[float], step_size: float | None) -> list[tuple[float, float, int]]:
+    """Split each interval ``[t_k, t_{k+1}]`` into ``ceil(length / step_size)`` equal sub-steps.
+
+    Returns ``(t_k, h_k, m_k)`` per interval (``m_k`` steps of size ``h_k``); without a step
+    size each interval is one step (the grid of ``t``).
+    """
+    out = []
+    for a, b in zip(t[:-1], t[1:], strict=True):
+        length = b - a
+        if step_size is None:
+            m = 1
+        else:
+            r = length / step_size
+            # a float32 grid makes 0.1 / 0.1 read 1.0000000149: snap near-integers, else ceil
+            m = round(r) if abs(r - round(r)) <= 1e-6 * max(1.0, r) else math.ceil(r)
+            m = max(1, m)
+        out.append((a, length / m, m))
+    return out
+
+
+class _ScaledField(nn.Module):
+    """``f_n(x) = h F(t_n, x)`` on the flat state (the residual function of one momentum layer)."""
+
+    def __init__(self, field: Field, t_n: torch.Tensor, h: float, shapes):
+        super().__init__()
+        self.field = field
+        self.register_buffer("t_n", t_n, persistent=False)
+        self.h = h
+        self.shapes = shapes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.shapes) == 1:
+            return self.h * self.field(self.t_n, (x,))[0]
+        return self.h * _flatten(self.field(self.t_n, _unflatten(x, self.shapes)))
+
+
+class _VelocityRescale(ReversibleStep):
+    """``v <- (h_new / h_old) v`` where the grid step changes (keeps ``v = h u``)."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        self.ratio = ratio
+
+    def couplings(self) -> Sequence[Coupling]:
+        return (Coupling(target=1, alpha=self.ratio),)
+
+
+def _flatten(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([c.reshape(-1) for c in xs])
+
+
+def _unflatten(x: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(x[i : i + n].reshape(s))
+        i += n
+    return tuple(out)
+
+
+def _momentum_options(options: dict | None, adjoint) -> tuple[float | None, dict]:
+    """``(step_size, engine keywords)`` from the options of the momentum method."""
+    options = {} if options is None else dict(options)
+    step = options.pop("step_size", None)
+    frac_bits = options.pop("frac_bits", None)
+    if options:
+        raise ValueError(
+            f"options {sorted(options)} are not understood by method='momentum' "
+            "(it takes 'step_size' and, with adjoint='reversible', 'frac_bits')"
+        )
+    if step is not None:
+        if isinstance(step, torch.Tensor):
+            step = float(step)
+        if not isinstance(step, Real) or not (math.isfinite(step) and step > 0):
+            raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
+        step = float(step)
+    flags = {
+        False: dict(reversible=False, exact=False),
+        True: dict(reversible=True, exact=False),
+        "reversible": dict(reversible=True, exact=True),
+    }[adjoint]
+    if frac_bits is not None:
+        if adjoint != "reversible":
+            raise ValueError(
+                f"options['frac_bits'] sets the fixed point of adjoint='reversible'; it has no "
+                f"meaning with adjoint={adjoint!r}"
+            )
+        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
+            raise TypeError(f"options['frac_bits'] must be an int, got {frac_bits!r}")
+        flags["frac_bits"] = frac_bits
+    return step, flags
+
+
+def momentum_steps(
+    field: Field, t: torch.Tensor, step_size: float | None, shapes
+) -> tuple[list[tuple[float, float, int]], list[list[ReversibleStep]]]:
+    """The grid and the momentum layers ``MomentumStep(h F(t_n, .), gamma)`` of each interval.
+
+    ``gamma`` is a placeholder (1.0) that :func:`_set_gammas` replaces at every call. Between
+    intervals whose step sizes differ, a rescaling step keeps ``v = h u``. The chain is cached
+    on the field for the grid (building hundreds of modules per call is not free).
+    """
+    key = (tuple(t.tolist()), step_size, t.dtype, t.device, shapes)
+    cache = field.__dict__.setdefault("_momentum_cache", {})
+    if key in cache:
+        return cache[key]
+    grid = momentum_grid(list(key[0]), step_size)
+    chains, h_prev = [], None
+    for a, h, m in grid:
+        steps: list[ReversibleStep] = []
+        if h_prev is not None and h != h_prev:
+            steps.append(_VelocityRescale(h / h_prev))
+        for j in range(m):
+            t_n = torch.tensor(a + j * h, dtype=t.dtype, device=t.device)
+            steps.append(MomentumStep(_ScaledField(field, t_n, h, shapes), 1.0))
+        chains.append(steps)
+        h_prev = h
+    if len(cache) >= 4:
+        cache.pop(next(iter(cache)))
+    cache[key] = (grid, chains)
+    return grid, chains
+
+
+def _set_gammas(grid, chains, eps: float | torch.Tensor) -> None:
+    """``gamma = eps_to_gamma(eps, depth=1, horizon=h)`` on every step (``eps = 0``: 0)."""
+    eps_value = float(eps.detach()) if isinstance(eps, torch.Tensor) else float(eps)
+    hmax = max(h for _, h, _ in grid)
+    if eps_value > 0 and eps_value < hmax * (1 - 1e-12):
+        raise ValueError(
+            f"method='momentum' needs a step size h <= eps (gamma = 1 - h/eps >= 0); got "
+            f"eps={eps_value} and h={hmax}. Pass options={{'step_size': h}} with h <= {eps_value}"
+        )
+    gammas: dict[float, float | torch.Tensor] = {}
+    for (_, h, _), steps in zip(grid, chains, strict=True):
+        if h not in gammas:
+            gammas[h] = 0.0 if eps_value == 0 else eps_to_gamma(eps, depth=1, horizon=h)
+        for step in steps:
+            if isinstance(step, MomentumStep):
+                step.gamma = gammas[h]
+
+
+def _integrate_momentum(
+    field: Field, xs, us, t, eps, step_size, flags
+) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
+    from . import reversible as engine  # the lead's engine
+
+    shapes = tuple(c.shape for c in xs)
+    single = len(xs) == 1
+    grid, chains = momentum_steps(field, t, step_size, shapes)
+    _set_gammas(grid, chains, eps)
+    x = xs[0] if single else _flatten(xs)
+    u = us[0] if single else _flatten(us)
+    v = grid[0][1] * u
+    out_x, out_u = [x], [u]
+    for steps, (_, h, _) in zip(chains, grid, strict=True):
+        x, v = engine.integrate(steps, (x, v), (), **flags)
+        out_x.append(x)
+        out_u.append(v / h)
+    unpack = (lambda z: (z,)) if single else (lambda z: _unflatten(z, shapes))
+    return [unpack(z) for z in out_x], [unpack(z) for z in out_u]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def solve(
+    field: Field,
+    x0: State,
+    t: torch.Tensor,
+    *,
+    eps: float | torch.Tensor,
+    u0: State | None = None,
+    method: str = "dopri5",
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    options: dict | None = None,
+    adjoint: bool | str = False,
+    return_velocity: bool = False,
+):
+    """:func:`odeint` on an existing :class:`Field` (shared by the ``nn.Module`` front ends)."""
+    xs = _check_x0(x0)
+    single = isinstance(x0, torch.Tensor)
+    t = _check_t(t, xs[0])
+    eps = _check_eps(eps)
+    eps_value = float(eps.detach()) if isinstance(eps, torch.Tensor) else eps
+    info = _check_method(method)
+    _check_adjoint(adjoint, info, eps_value, field.func)
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
+    if not isinstance(return_velocity, bool):
+        raise TypeError(f"return_velocity must be a bool, got {return_velocity!r}")
+    us = _check_u0(u0, xs, eps_value)
+    m = len(xs)
+
+    if info.family == "discrete":
+        step_size, flags = _momentum_options(options, adjoint)
+        if t.numel() == 1:
+            traj_x, traj_u = [xs], [us]
+        else:
+            traj_x, traj_u = _integrate_momentum(field, xs, us, t, eps, step_size, flags)
+        sol_x = tuple(torch.stack([s[i] for s in traj_x]) for i in range(m))
+        sol_u = tuple(torch.stack([s[i] for s in traj_u]) for i in range(m))
+    else:
+        solver = torchdiffeq.odeint_adjoint if adjoint is True else torchdiffeq.odeint
+        kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
+        if eps_value == 0:
+            system = _FirstOrder(field, single)
+            y0 = xs[0] if single else xs
+        else:
+            system = _SecondOrder(field, m, eps)
+            y0 = (*xs, *us)
+        if adjoint is True:
+            params = list(field.parameters())
+            if isinstance(eps, torch.Tensor) and not any(p is eps for p in params):
+                params.append(eps)
+            kwargs["adjoint_params"] = tuple(params)
+        sol = solver(system, y0, t, **kwargs)
+        sol = (sol,) if isinstance(sol, torch.Tensor) else tuple(sol)
+        sol_x, sol_u = sol[:m], sol[m:]
+
+    if return_velocity and eps_value == 0:
+        # the first-order velocity x'(t_k) = F(t_k, x(t_k)) at the computed states
+        vel = [field(t[k], tuple(c[k] for c in sol_x)) for k in range(t.numel())]
+        sol_u = tuple(torch.stack([v[i] for v in vel]) for i in range(m))
+    xs_out = sol_x[0] if single else sol_x
+    if not return_velocity:
+        return xs_out
+    return xs_out, (sol_u[0] if single else sol_u)
+
+
+def odeint(
+    func: Callable,
+    x0: State,
+    t: torch.Tensor,
+    *,
+    eps: float | torch.Tensor,
+    u0: State | None = None,
+    method: str = "dopri5",
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    options: dict | None = None,
+    adjoint: bool | str = False,
+    return_velocity: bool = False,
+):
+    """Solve ``eps x'' + x' = func(t, x)`` (``eps > 0``) or ``x' = func(t, x)`` (``eps = 0``).
+
+    Parameters
+    ----------
+    func : callable ``func(t, x)``
+        The field ``F``, torchdiffeq's convention: ``t`` a scalar tensor, ``x`` a tensor (or a
+        tuple of tensors, as ``x0``); returns the same shapes. An ``nn.Module`` when
+        ``adjoint`` is not ``False``.
+    x0 : tensor or tuple of tensors
+        Initial state, any shape (batched states are just tensors with a batch axis).
+    t : 1-D tensor
+        Strictly increasing output times; ``t[0]`` is the initial time.
+    eps : float or scalar tensor, ``>= 0``
+        The mass. A tensor that requires grad receives a gradient (every ``adjoint`` mode).
+    u0 : like ``x0``, optional
+        Initial velocity ``x'(t[0])`` (default 0); only for ``eps > 0``.
+    method : str
+        A torchdiffeq method (``"dopri5"``, ``"rk4"``, ...) or ``"momentum"``, the Momentum
+        ResNet rule on a grid of step ``h`` (``options={"step_size": h}``, each interval of
+        ``t`` split into ``ceil(length / h)`` equal steps; without it, the grid ``t``) with
+        ``f_n = h F(t_n, .)``, ``gamma = eps_to_gamma(eps, 1, h)``, ``v = h u``; needs
+        ``h <= eps``. :func:`known_methods` lists them all.
+    rtol, atol : float
+        Tolerances of the adaptive torchdiffeq methods (fixed-grid methods ignore them).
+    options : dict, optional
+        Solver options, passed to torchdiffeq. The momentum method takes ``step_size`` and,
+        with ``adjoint="reversible"``, ``frac_bits`` (fractional bits of the fixed-point
+        state, default ``mode.exact.DEFAULT_FRAC_BITS``; range ``|x| < 2^(46 - frac_bits)``).
+    adjoint : False, True or "reversible"
+        Gradient strategy. ``False``: autograd through the solver. ``True``: torchdiffeq's
+        ``odeint_adjoint``; for ``"momentum"``, backprop through the float reconstruction of
+        the reversible rule (memory independent of the steps, gradient exact up to rounding
+        amplified by ``~gamma^{-N}``). ``"reversible"`` (``"momentum"`` only, ``eps > 0``):
+        bit-exact fixed-point reconstruction, memory independent of the number of steps and
+        gradients equal to autograd's on the same discretization.
+    return_velocity : bool
+        Also return ``u = x'`` at the output times (momentum: ``v_n / h``; ``eps = 0``:
+        ``F(t_k, x(t_k))``, one extra evaluation per output time).
+
+    Returns
+    -------
+    xs : tensor of shape ``(len(t), *x0.shape)`` (a tuple of them for a tuple state), and
+    ``us`` of the same shapes when ``return_velocity``.
+    """
+    shapes = tuple(c.shape for c in _check_x0(x0))
+    return solve(
+        Field(func, shapes), x0, t, eps=eps, u0=u0, method=method, rtol=rtol, atol=atol,
+        options=options, adjoint=adjoint, return_velocity=return_velocity,
+    )
