@@ -270,6 +270,7 @@ class _Chain:
         self.grad_index = grad_index
         self.buffer: InformationBuffer | None = None
         self.final: list[torch.Tensor] | None = None  # exact mode: the output pair as ints
+        self.checksum: tuple[int, ...] | None = None  # exact mode: of the input pair
         self.rng: list[tuple | None] = []
 
 
@@ -322,6 +323,21 @@ def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, dev
     return q
 
 
+def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
+    """Two wrapping int64 sums per tensor: enough to tell a drifted reconstruction."""
+    return tuple(int(v) for x in q for v in (x.sum(), (x * x).sum()))
+
+
+def _verify_reconstruction(chain: _Chain, q: list[torch.Tensor]) -> None:
+    if _checksum(q) != chain.checksum:
+        raise RuntimeError(
+            "exact reconstruction did not return to the forward's input: a residual function "
+            "gave different outputs for the same input bits in the forward and backward passes "
+            "(a non-deterministic kernel, or hidden state). Gradients would be wrong. On a GPU, "
+            "call torch.use_deterministic_algorithms(True); make stateful functions pure."
+        )
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Inputs: the chain, the state pair and the grad-receiving tensors (``_grad_tensors``)."""
 
@@ -336,6 +352,7 @@ class _ReversibleFunction(torch.autograd.Function):
         else:
             fp = chain.exact
             q = [fp.encode(s0, "s0"), fp.encode(s1, "s1")]
+            chain.checksum = _checksum(q)
             chain.buffer = InformationBuffer(s0.shape, s0.device)
             q = _forward_exact(chain, q, chain.args, dtype, devices)
             chain.final = q
@@ -375,6 +392,8 @@ class _ReversibleFunction(torch.autograd.Function):
             with _replay_rng(rng, devices), _frozen_batchnorm(step):
                 for c in reversed(step.couplings()):
                     _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
+        if exact is not None:
+            _verify_reconstruction(chain, s)
         return (None, g[0], g[1], *grads)
 
 
@@ -568,6 +587,7 @@ def reverse(
                     if c.phi is not None:
                         new = new - fp.encode(c.phi(fp.decode(q[o], dtype), *args))
                     q[t] = buf.unscale(new, *rational(_alpha_value(c.alpha)))
+    _verify_reconstruction(chain, q)
     return fp.decode(q[0], dtype), fp.decode(q[1], dtype)
 
 

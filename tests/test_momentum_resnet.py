@@ -298,6 +298,29 @@ def test_float_mode_warns_when_reversal_is_untrustworthy():
         mode.MomentumResNet(functions, 0.5, exact=True)(x)  # exact: nothing to warn about
 
 
+def test_exact_mode_detects_a_non_deterministic_function():
+    """A function that answers differently in backward cannot give exact gradients: say so."""
+
+    class Drifting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, D).double()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x) * (1 + 1e-6 * self.calls)  # hidden state: not a function of x
+
+    net = mode.MomentumResNet([Drifting() for _ in range(3)], 0.9, exact=True)
+    x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="non-deterministic"):
+        net(x).sum().backward()
+    with torch.no_grad():
+        out = net(x, return_velocity=True)
+    with pytest.raises(RuntimeError, match="non-deterministic"):
+        net.inverse(*out)
+
+
 def test_exact_overflow_raises():
     class Huge(nn.Module):
         def forward(self, x):
