@@ -367,7 +367,7 @@ class _ReversibleFunction(torch.autograd.Function):
         chain, dtype, devices = ctx.chain, ctx.dtype, ctx.devices
         exact = chain.exact
         buf = chain.buffer.reader() if exact is not None else None
-        s = [x.clone() for x in ctx.saved_tensors]
+        s = list(ctx.saved_tensors)  # never modified in place: each update makes a new tensor
         shape, device = ctx.saved_tensors[0].shape, ctx.saved_tensors[0].device
         g = [
             g0 if g0 is not None else torch.zeros(shape, dtype=dtype, device=device),
@@ -402,7 +402,6 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
     t, o = c.target, 1 - c.target
     a = _alpha_value(c.alpha)
     alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
-    other = s[o] if exact is None else exact.decode(s[o], dtype)
     if c.phi is None and not alpha_grad:
         # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
         if exact is None:
@@ -417,7 +416,7 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
             g[t] = a * g[t]
         return
 
-    other = other.detach().requires_grad_(True)
+    other = (s[o] if exact is None else exact.decode(s[o], dtype)).detach().requires_grad_(True)
     with torch.enable_grad():
         p = c.phi(other, *args) if c.phi is not None else None
     if p is not None:
