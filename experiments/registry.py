@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import Progress, config_hash, resolve_device, style, write_json_atomic
+from .common import (
+    Progress,
+    config_hash,
+    resolve_device,
+    style,
+    to_jsonable,
+    write_json_atomic,
+)
 
 __all__ = ["EXPERIMENTS", "LEVELS", "get", "experiment_config", "run_experiment", "run_all"]
 
@@ -167,7 +174,8 @@ def run_experiment(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = module.run(config)
+        # plots read the JSON form of the results, exactly what a cached re-plot reads
+        results = to_jsonable(module.run(config))
         run_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
