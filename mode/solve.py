@@ -320,15 +320,28 @@ class _ScaledField(nn.Module):
         return self.h * _flatten(self.field(self.t_n, _unflatten(x, self.shapes)))
 
 
-class _VelocityRescale(ReversibleStep):
-    """``v <- (h_new / h_old) v`` where the grid step changes (keeps ``v = h u``)."""
+class _StretchedMomentumStep(MomentumStep):
+    """A momentum step of size ``h = rho h_ref`` on ``(x, w)``, ``w = h_ref u``:
 
-    def __init__(self, ratio: float):
-        super().__init__()
-        self.ratio = ratio
+        w <- gamma w + (1 - gamma) h_ref F(t_n, x),    x <- x + rho w,
+
+    i.e. the momentum rule on ``(x, v = rho w)``. On a grid whose intervals have different
+    sub-steps the velocity is kept on the smallest step ``h_ref``, so no step ever scales a
+    state by more than 1 (which the exact fixed-point mode cannot invert).
+    """
+
+    def __init__(self, function: Callable[..., torch.Tensor], gamma: float, rho: float):
+        super().__init__(function, gamma)
+        self.rho = rho
+
+    def _stretch(self, w: torch.Tensor) -> torch.Tensor:
+        return self.rho * w
 
     def couplings(self) -> Sequence[Coupling]:
-        return (Coupling(target=1, alpha=self.ratio),)
+        return (
+            Coupling(target=1, alpha=self.gamma, phi=self._increment),
+            Coupling(target=0, alpha=1.0, phi=self._stretch),
+        )
 
 
 def _flatten(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -382,25 +395,28 @@ def momentum_steps(
 ) -> tuple[list[tuple[float, float, int]], list[list[ReversibleStep]]]:
     """The grid and the momentum layers ``MomentumStep(h F(t_n, .), gamma)`` of each interval.
 
-    ``gamma`` is a placeholder (1.0) that :func:`_set_gammas` replaces at every call. Between
-    intervals whose step sizes differ, a rescaling step keeps ``v = h u``. The chain is cached
-    on the field for the grid (building hundreds of modules per call is not free).
+    ``gamma`` is a placeholder (1.0) that :func:`_set_gammas` replaces at every call. When the
+    intervals have different sub-steps ``h_k``, the velocity is carried as ``h_ref u`` with
+    ``h_ref = min h_k`` and longer steps are :class:`_StretchedMomentumStep`. The chain is
+    cached on the field for the grid (building hundreds of modules per call is not free).
     """
     key = (tuple(t.tolist()), step_size, t.dtype, t.device, shapes)
     cache = field.__dict__.setdefault("_momentum_cache", {})
     if key in cache:
         return cache[key]
     grid = momentum_grid(list(key[0]), step_size)
-    chains, h_prev = [], None
+    h_ref = min(h for _, h, _ in grid)
+    chains = []
     for a, h, m in grid:
         steps: list[ReversibleStep] = []
-        if h_prev is not None and h != h_prev:
-            steps.append(_VelocityRescale(h / h_prev))
         for j in range(m):
             t_n = torch.tensor(a + j * h, dtype=t.dtype, device=t.device)
-            steps.append(MomentumStep(_ScaledField(field, t_n, h, shapes), 1.0))
+            f_n = _ScaledField(field, t_n, h_ref, shapes)
+            if h == h_ref:
+                steps.append(MomentumStep(f_n, 1.0))
+            else:
+                steps.append(_StretchedMomentumStep(f_n, 1.0, h / h_ref))
         chains.append(steps)
-        h_prev = h
     if len(cache) >= 4:
         cache.pop(next(iter(cache)))
     cache[key] = (grid, chains)
@@ -436,12 +452,13 @@ def _integrate_momentum(
     _set_gammas(grid, chains, eps)
     x = xs[0] if single else _flatten(xs)
     u = us[0] if single else _flatten(us)
-    v = grid[0][1] * u
+    h_ref = min(h for _, h, _ in grid)
+    v = h_ref * u
     out_x, out_u = [x], [u]
-    for steps, (_, h, _) in zip(chains, grid, strict=True):
+    for steps in chains:
         x, v = engine.integrate(steps, (x, v), (), **flags)
         out_x.append(x)
-        out_u.append(v / h)
+        out_u.append(v / h_ref)
     unpack = (lambda z: (z,)) if single else (lambda z: _unflatten(z, shapes))
     return [unpack(z) for z in out_x], [unpack(z) for z in out_u]
 

@@ -216,7 +216,7 @@ def test_momentum_method_is_the_momentum_resnet():
 
 
 def test_momentum_grid_splits_each_interval():
-    """t = [0, .25, 1] with h = 0.1: 3 steps of 1/12 then 8 steps of 3/32 (velocity rescaled)."""
+    """t = [0, .25, 1] with h = 0.1: 3 steps of 1/12 then 8 steps of 3/32 (v = h u rescaled)."""
     t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     xs, us = odeint(_field, X0_NL, t, eps=EPS_NL, u0=U0_NL, method="momentum",
                     options={"step_size": 0.1}, return_velocity=True)
@@ -229,6 +229,7 @@ def test_momentum_grid_splits_each_interval():
             x = x + v
         if a == 0.0:
             torch.testing.assert_close(xs[1], x, rtol=0, atol=1e-14)
+            torch.testing.assert_close(us[1], v / (0.25 / 3), rtol=0, atol=1e-13)
     torch.testing.assert_close(xs[2], x, rtol=0, atol=1e-14)
     torch.testing.assert_close(us[2], v / (0.75 / 8), rtol=0, atol=1e-13)
 
