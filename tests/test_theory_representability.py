@@ -186,3 +186,12 @@ def test_certificate_reports_amplification_near_a_zero_of_psi():
     cert = theory.certify(con.theta, D, 0.3)
     assert cert.amplification > 1e7
     assert cert.error <= 100 * cert.rtol * cert.amplification
+
+
+def test_find_theta_refuses_what_its_certificate_cannot_confirm():
+    D = 1e-8 * np.eye(2)
+    assert theory.is_representable(D, 0.3)
+    with pytest.raises(theory.NotRepresentable, match="certificate failed.*amplification"):
+        theory.find_theta(D, 0.3)
+    theta = theory.find_theta(D, 0.3, certified=False)  # closed-form residual check only
+    np.testing.assert_allclose(theory.psi(theta, 0.3), D, rtol=1e-6)
