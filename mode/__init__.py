@@ -33,3 +33,7 @@ from .convert import convert  # noqa: E402  (the function shadows the submodule'
 from .networks.coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet  # noqa: E402
 
 __all__ += ["RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet", "MRevNet", "convert"]
+from .networks.ode import MomentumNeuralODE, NeuralODE  # noqa: E402
+from .solve import odeint  # noqa: E402
+
+__all__ += ["odeint", "NeuralODE", "MomentumNeuralODE"]
