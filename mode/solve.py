@@ -496,6 +496,11 @@ def solve(
     m = len(xs)
 
     if info.family == "discrete":
+        if t.requires_grad:
+            raise ValueError(
+                "t requires grad, but method='momentum' runs on a fixed grid built from the "
+                "values of t and gives no gradient with respect to t; pass t.detach()"
+            )
         step_size, flags = _momentum_options(options, adjoint)
         if t.numel() == 1:
             traj_x, traj_u = [xs], [us]

@@ -342,6 +342,9 @@ def _call(**kw):
         (dict(method="momentum", options={"rtol": 1.0}), ValueError, "rtol"),
         (dict(method="momentum", options={"frac_bits": 40}), ValueError, "frac_bits"),
         (dict(adjoint=True), TypeError, "nn.Module"),
+        (dict(method="momentum", options={"step_size": 0.1},
+              t=torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)),
+         ValueError, "requires grad"),
         (dict(return_velocity=1), TypeError, "return_velocity"),
     ],
 )

@@ -1,0 +1,317 @@
+"""Continuous second-order solvers: the reversible momentum method against torchdiffeq, one run.
+
+The problem: ``eps x'' + x' = F(x)`` with ``eps = 0.1``, ``F`` a 64 -> 128 -> 64 tanh MLP
+(``Linear(64, 128), Tanh, Linear(128, 64)``, PyTorch's default initialisation, seed 0),
+``x0`` of shape (256, 64), ``u0 = 0``, ``t`` in [0, 1], ``N`` steps of size ``1/N``. The loss
+is ``<x(1), c>`` for a fixed random cotangent ``c``; gradients go to ``x0`` and every parameter.
+
+Methods (``N`` steps each):
+
+- ``momentum rev``     ``mode.MomentumNeuralODE(F, eps, method="momentum",
+                       adjoint="reversible")``: bit-exact reconstruction (fixed point, default
+                       ``frac_bits``), no stored activations;
+- ``momentum autograd`` the same rule with plain autograd (``adjoint=False``);
+- ``euler`` / ``rk4``  ``torchdiffeq.odeint`` on the first-order system ``(x, u)' = (u,
+                       (F(x) - u) / eps)`` with ``options={"step_size": 1/N}``;
+- ``euler adj`` / ``rk4 adj``  ``torchdiffeq.odeint_adjoint`` on the same system.
+
+Measured per (method, N), each in a fresh interpreter:
+
+- time: forward + backward, median of ``--repeats`` runs after one warm-up (float32);
+- NFE: evaluations of ``F`` in the forward and in the backward pass;
+- peak memory: on CPU the increase of ``getrusage(RUSAGE_SELF).ru_maxrss`` over a baseline
+  taken after building the model and inputs; on CUDA ``torch.cuda.max_memory_allocated``
+  minus the allocation before the run (float32);
+- gradient error: ``||g - g_ref|| / ||g_ref||`` in float64, ``g_ref`` the plain-autograd
+  gradient of the same discretization (momentum autograd for the momentum rows, torchdiffeq
+  ``odeint`` for the adjoint rows); for ``momentum rev`` also with ``frac_bits=40``.
+
+The momentum rule needs ``h = 1/N <= eps``: at ``N = 8`` (h = 0.125) it is not defined.
+
+Usage::
+
+    python benchmarks/bench_odeint.py            # N = 8 .. 512, writes RESULTS_odeint.md
+    python benchmarks/bench_odeint.py --quick    # N = 16, 64, 256, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torchdiffeq
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mode  # noqa: E402
+
+EPS = 0.1
+D, HIDDEN, BATCH = 64, 128, 256
+METHODS = ["momentum rev", "momentum autograd", "euler", "euler adj", "rk4", "rk4 adj"]
+REFERENCE = {"momentum rev": "momentum autograd", "euler adj": "euler", "rk4 adj": "rk4"}
+
+
+class Counted(nn.Module):
+    """``F(x)`` with an evaluation counter (``t`` is ignored: an autonomous field)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(D, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, D))
+        self.nfe = 0
+
+    def forward(self, t, x):
+        self.nfe += 1
+        return self.net(x)
+
+
+class SecondOrder(nn.Module):
+    """``(x, u)' = (u, (F(x) - u) / eps)``: what a torchdiffeq user writes for this ODE."""
+
+    def __init__(self, field: Counted, eps: float):
+        super().__init__()
+        self.field = field
+        self.eps = eps
+
+    def forward(self, t, y):
+        x, u = y
+        return u, (self.field(t, x) - u) / self.eps
+
+
+def build(method: str, n: int, dtype, device, frac_bits: int | None = None):
+    """(field, run) where run(x0) returns x(1) for the method with n steps."""
+    field = Counted().to(device=device, dtype=dtype)
+    t = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+    if method.startswith("momentum"):
+        options = {"step_size": 1.0 / n}
+        if frac_bits is not None:
+            options["frac_bits"] = frac_bits
+        adjoint = "reversible" if method == "momentum rev" else False
+        model = mode.MomentumNeuralODE(
+            field, EPS, t=t, method="momentum", options=options, adjoint=adjoint
+        )
+        return field, model, lambda x0: model(x0)
+    name, _, adj = method.partition(" ")
+    system = SecondOrder(field, EPS)
+    solver = torchdiffeq.odeint_adjoint if adj else torchdiffeq.odeint
+
+    def run(x0):
+        xs, _ = solver(
+            system, (x0, torch.zeros_like(x0)), t, method=name, options={"step_size": 1.0 / n}
+        )
+        return xs[-1]
+
+    return field, None, run
+
+
+def gradients(run, field, x0, cot):
+    x0 = x0.detach().requires_grad_()
+    out = run(x0)
+    wrt = [x0, *field.parameters()]
+    return [g.detach() for g in torch.autograd.grad((out * cot).sum(), wrt)]
+
+
+def rel_error(a, b) -> float:
+    a = torch.cat([x.reshape(-1) for x in a])
+    b = torch.cat([x.reshape(-1) for x in b])
+    return float((a - b).norm() / b.norm())
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def worker(method: str, n: int, device: str, repeats: int) -> dict:
+    """One (method, N) in this fresh interpreter: memory first, then time, NFE, error."""
+    torch.set_num_threads(1)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(BATCH, D, generator=g).to(dev)
+    cot = torch.randn(BATCH, D, generator=g).to(dev)
+    # warm-up on a tiny copy (batch 2, 16 steps): library initialisation is not counted
+    f_w, _, run_w = build(method, 16, torch.float32, dev)
+    xw = x0[:2].clone().requires_grad_()
+    torch.autograd.grad(run_w(xw).sum(), [xw, *f_w.parameters()])
+    del f_w, run_w, xw
+    field, _, run = build(method, n, torch.float32, dev)
+    x0.requires_grad_()
+    params = list(field.parameters())
+
+    # peak memory of one forward + backward
+    if dev.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = peak_rss_bytes()
+    field.nfe = 0
+    out = run(x0)
+    nfe_forward = field.nfe
+    torch.autograd.grad((out * cot).sum(), [x0, *params])
+    nfe_backward = field.nfe - nfe_forward
+    sync()
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        peak = peak_rss_bytes() - base
+    del out
+
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        out = run(x0)
+        torch.autograd.grad((out * cot).sum(), [x0, *params])
+        sync()
+        times.append(time.perf_counter() - start)
+        del out
+
+    # gradient error in float64 against autograd on the same discretization
+    x64, c64 = x0.detach().double(), cot.double()
+    errors = {}
+    if method in REFERENCE:
+        f_ref, _, run_ref = build(REFERENCE[method], n, torch.float64, dev)
+        g_ref = gradients(run_ref, f_ref, x64, c64)
+        f64, _, run64 = build(method, n, torch.float64, dev)
+        errors["default"] = rel_error(gradients(run64, f64, x64, c64), g_ref)
+        if method == "momentum rev":
+            f40, _, run40 = build(method, n, torch.float64, dev, frac_bits=40)
+            errors["frac_bits=40"] = rel_error(gradients(run40, f40, x64, c64), g_ref)
+    return dict(
+        method=method,
+        n=n,
+        time_s=statistics.median(times),
+        times=times,
+        nfe_forward=nfe_forward,
+        nfe_backward=nfe_backward,
+        peak_bytes=peak,
+        errors=errors,
+    )
+
+
+def run_isolated(method: str, n: int, device: str, repeats: int) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        method,
+        str(n),
+        "--device",
+        device,
+        "--repeats",
+        str(repeats),
+    ]
+    env = dict(os.environ)
+    if device == "cpu":
+        # a fixed mmap threshold returns freed temporaries to the OS at once, so that ru_maxrss
+        # tracks live memory rather than glibc's heap growth (same for every method)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return dict(method=method, n=n, failed=last)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict], ns: list[int]) -> str:
+    by = {(r["method"], r["n"]): r for r in results}
+    lines = [
+        "| method | N | time (ms) | time / euler adj | NFE fwd | NFE bwd | peak mem (MB) "
+        "| grad rel err (float64) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for n in ns:
+        peer = by.get(("euler adj", n), {})
+        for m in METHODS:
+            r = by.get((m, n))
+            if r is None:
+                continue
+            if "failed" in r:
+                lines.append(f"| {m} | {n} | n/a | | | | | {r['failed'][:90]} |")
+                continue
+            ratio = r["time_s"] / peer["time_s"] if "time_s" in peer else float("nan")
+            if r["errors"]:
+                err = "; ".join(
+                    f"{v:.1e}" + ("" if k == "default" else f" ({k})")
+                    for k, v in r["errors"].items()
+                )
+            else:
+                err = "reference (autograd)"
+            lines.append(
+                f"| {m} | {n} | {1e3 * r['time_s']:.1f} | {ratio:.2f} | {r['nfe_forward']} "
+                f"| {r['nfe_backward']} | {r['peak_bytes'] / 2**20:.1f} | {err} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 16, 64, 256; 3 repeats")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS_odeint.md"))
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, n = args.worker
+        print(json.dumps(worker(method, int(n), args.device, args.repeats or 5)))
+        return
+    ns = [16, 64, 256] if args.quick else [8, 16, 32, 64, 128, 256, 512]
+    repeats = args.repeats or (3 if args.quick else 5)
+    results = []
+    for n in ns:
+        for m in METHODS:
+            r = run_isolated(m, n, args.device, repeats)
+            results.append(r)
+            shown = r.get("failed") or (
+                f"{1e3 * r['time_s']:.1f} ms, NFE {r['nfe_forward']}/{r['nfe_backward']}, "
+                f"{r['peak_bytes'] / 2**20:.1f} MB, err {r['errors']}"
+            )
+            print(f"N={n:4d} {m:18s} {shown}", flush=True)
+    command = "python benchmarks/bench_odeint.py" + (" --quick" if args.quick else "")
+    if args.device != "cpu":
+        command += f" --device {args.device}"
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
+    text = f"""# odeint: reversible momentum method vs torchdiffeq
+
+Command: `{command}` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)
+
+Machine: {args.device} ({device_name}), {os.cpu_count()} CPUs, torch {torch.__version__}, \
+torchdiffeq {torchdiffeq.__version__}, one thread per run (`torch.set_num_threads(1)`), \
+each (method, N) in a fresh interpreter.
+
+Problem: `eps x'' + x' = F(x)`, eps = {EPS}, F = 64 -> 128 -> 64 tanh MLP, batch {BATCH}, t in
+[0, 1], N steps of 1/N, u0 = 0. Time: forward + backward, median of {repeats} runs (float32).
+Peak memory: increase of the process high-water mark (CPU: ru_maxrss) over a baseline after
+setup and a warm-up on a tiny copy (batch 2, 16 steps), float32, with
+`MALLOC_MMAP_THRESHOLD_=65536` on CPU so that freed temporaries leave the high-water mark.
+Gradient error: float64, relative to plain autograd on the same discretization (momentum
+autograd for `momentum rev`, torchdiffeq `odeint` for the adjoints).
+The momentum rule needs 1/N <= eps, so it does not exist at N = 8.
+
+{table(results, ns)}
+"""
+    with open(args.out + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
