@@ -134,7 +134,8 @@ def run_experiment(
     """Run (or reuse) one experiment; write ``out/name.json`` and its figures.
 
     The JSON holds the configuration, its hash, the seed, the device, the versions of
-    ``mode``/torch/numpy/python, the timings, the results and the figure paths. It is written
+    ``mode``/torch/numpy/python, the timings, the results and the figure file names (relative
+    to the JSON's folder). It is written
     last and atomically, so it marks a finished run. If it exists with the same configuration
     hash, nothing is recomputed (missing figures are re-plotted from the stored results)
     unless ``force`` is true.
@@ -157,17 +158,18 @@ def run_experiment(
     t0 = time.perf_counter()
     cached = None if force else _is_cached(json_path, chash)
     if cached is not None:
-        figures = cached.get("figures", [])
-        if all(Path(p).exists() for p in figures) and figures:
+        names = cached.get("figures", [])
+        if names and all((out / f).exists() for f in names):
             progress(f"cached (config {chash}); use --force to recompute")
             return {"name": name, "status": "cached", "json": str(json_path),
-                    "figures": figures, "wall_s": cached["timing"]["run_s"]}
+                    "figures": [str(out / f) for f in names],
+                    "wall_s": cached["timing"]["run_s"]}
         progress("results cached, figures missing: re-plotting")
-        figures = [str(p) for p in module.plot(cached["results"], out)]
-        cached["figures"] = figures
+        names = [Path(p).name for p in module.plot(cached["results"], out)]
+        cached["figures"] = names
         write_json_atomic(json_path, cached)
         return {"name": name, "status": "replotted", "json": str(json_path),
-                "figures": figures, "wall_s": cached["timing"]["run_s"]}
+                "figures": [str(out / f) for f in names], "wall_s": cached["timing"]["run_s"]}
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     progress(f"running ({level}, device {device}, seed {seed}, {threads} CPU thread(s))")
@@ -179,7 +181,7 @@ def run_experiment(
         run_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
-        figures = [str(p) for p in module.plot(results, out)]
+        names = [Path(p).name for p in module.plot(results, out)]  # relative to the JSON
         plot_s = time.perf_counter() - t1
     finally:
         torch.set_num_threads(previous_threads)
@@ -198,12 +200,12 @@ def run_experiment(
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "command": f"python -m experiments run {name} --{level} --device {device} --seed {seed}",
         "results": results,
-        "figures": figures,
+        "figures": names,
     }
     write_json_atomic(json_path, record)
     progress(f"done in {run_s + plot_s:.1f} s -> {json_path}")
-    return {"name": name, "status": "ran", "json": str(json_path), "figures": figures,
-            "wall_s": run_s + plot_s}
+    return {"name": name, "status": "ran", "json": str(json_path),
+            "figures": [str(out / f) for f in names], "wall_s": run_s + plot_s}
 
 
 def run_all(level: str = "quick", **kwargs) -> list[dict[str, Any]]:

@@ -73,8 +73,9 @@ def test_experiment_runs_end_to_end_and_writes_its_files(name, tmp_path):
     assert isinstance(data["results"], dict) and data["results"]
     stems = {Path(p).stem for p in data["figures"]}
     assert stems == set(registry.get(name).FIGURES)
+    assert sorted(data["figures"]) == sorted(Path(p).name for p in summary["figures"])
     for p in data["figures"]:
-        head = Path(p).read_bytes()[:8]
+        head = (tmp_path / p).read_bytes()[:8]
         assert head.startswith(b"\x89PNG") if p.endswith(".png") else head.startswith(b"%PDF")
     assert {Path(p).suffix for p in data["figures"]} == {".png", ".pdf"}
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary leftovers
