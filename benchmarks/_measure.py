@@ -15,8 +15,9 @@ Four things are measured, always the same way:
   or not a backward pass follows.
 - **peak memory**: :func:`run_isolated` runs a worker in a fresh interpreter; the worker
   resets the high-water mark (:func:`reset_peak_rss`) once the model and inputs are built and
-  warmed up, records :func:`peak_rss_bytes` (``getrusage(RUSAGE_SELF).ru_maxrss``) as the
-  baseline, runs the measured work, and reports the increase of the high-water mark.
+  warmed up, records :func:`peak_rss_bytes` (the RSS high-water mark: ``VmHWM`` on Linux,
+  else ``getrusage(RUSAGE_SELF).ru_maxrss``) as the baseline, runs the measured work, and
+  reports the increase of the high-water mark.
 - **gradient error**: :func:`rel_error`, ``||g - g_ref|| / ||g_ref||`` over a list of tensors
   concatenated into one vector.
 """
@@ -168,7 +169,7 @@ def held_bytes(
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark to its current RSS (Linux >= 4.0).
 
-    Writes ``5`` to ``/proc/self/clear_refs``, which also resets ``ru_maxrss``. Without the
+    Writes ``5`` to ``/proc/self/clear_refs``, which resets ``VmHWM``. Without the
     reset, transient allocations made while setting up (model building, imports) leave a
     high-water mark that can hide the peak of the measured work. Returns ``False`` where
     unsupported (the measured increase is then only a lower bound).
@@ -182,7 +183,21 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set size, in bytes (Linux: KiB * 1024)."""
+    """High-water mark of this process's resident set size, in bytes.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: the high-water mark of the process's
+    own memory, the quantity ``getrusage(RUSAGE_SELF).ru_maxrss`` is meant to give. (``ru_maxrss``
+    itself also keeps the high-water mark of the parent's memory copied at ``fork`` across the
+    ``exec``, so in a worker started from a large parent it is stuck at the parent's size.)
+    Elsewhere ``ru_maxrss`` (kilobytes on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

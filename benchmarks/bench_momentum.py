@@ -19,7 +19,8 @@ Measured per method and depth (see ``benchmarks/_measure.py`` for how):
   with a fixed random cotangent, gradients to the input and every parameter;
 - held activation memory after the forward pass (saved tensors + Function ctx attributes,
   parameters and the input excluded);
-- peak memory: increase of ``ru_maxrss`` over a baseline taken after building the model and
+- peak memory: increase of the RSS high-water mark (``VmHWM``, what ``ru_maxrss`` reports for
+  the process's own memory) over a baseline taken after building the model and
   inputs and after a warm-up forward+backward of the same method on a depth-2 copy, with the
   high-water mark reset there (``/proc/self/clear_refs``), one fresh interpreter per
   (method, depth);
@@ -221,7 +222,7 @@ def measure_held(methods, depths, gammas) -> dict:
 
 
 def peak_worker(method: str, depth: int, gamma: float, threads: int) -> dict:
-    """Run in a fresh interpreter: ru_maxrss increase of one forward+backward."""
+    """Run in a fresh interpreter: RSS high-water mark increase of one forward+backward."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     small, xs, cs = make_problem(2, seed=1)
@@ -349,9 +350,9 @@ def report(res: dict) -> str:
     if res.get("peak"):
         p = res["peak"]
         lines += [
-            f"\n**Peak memory, gamma = {res['peak_gamma']}** (MiB; ru_maxrss increase over a "
-            "post-build, post-warm-up baseline, fresh process per cell; includes the parameter "
-            "gradients, row `grads`)\n"
+            f"\n**Peak memory, gamma = {res['peak_gamma']}** (MiB; increase of the RSS high-water "
+            "mark over a post-build, post-warm-up baseline, fresh process per cell; includes "
+            "the parameter gradients, row `grads`)\n"
         ]
         lines += _header("method \\ depth", depths)
         for m in methods:
