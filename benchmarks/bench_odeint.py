@@ -17,7 +17,9 @@ Methods (``N`` steps each):
 
 Measured per (method, N), each in a fresh interpreter:
 
-- time: forward + backward, median of ``--repeats`` runs after one warm-up (float32);
+- time: forward + backward, median of ``--repeats`` rounds after one warm-up (float32); the
+  methods of one N are timed in one process, interleaved round by round, so that load from
+  other processes on a shared machine hits them alike;
 - NFE: evaluations of ``F`` in the forward and in the backward pass;
 - peak memory: on CPU the increase of ``getrusage(RUSAGE_SELF).ru_maxrss`` over a baseline
   taken after building the model and inputs; on CUDA ``torch.cuda.max_memory_allocated``
@@ -132,8 +134,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def worker(method: str, n: int, device: str, repeats: int) -> dict:
-    """One (method, N) in this fresh interpreter: memory first, then time, NFE, error."""
+def worker(method: str, n: int, device: str, repeats: int = 0) -> dict:
+    """One (method, N) in this fresh interpreter: peak memory, NFE, gradient error."""
     torch.set_num_threads(1)
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -168,16 +170,6 @@ def worker(method: str, n: int, device: str, repeats: int) -> dict:
         peak = peak_rss_bytes() - base
     del out
 
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = run(x0)
-        torch.autograd.grad((out * cot).sum(), [x0, *params])
-        sync()
-        times.append(time.perf_counter() - start)
-        del out
-
     # gradient error in float64 against autograd on the same discretization
     x64, c64 = x0.detach().double(), cot.double()
     errors = {}
@@ -189,30 +181,46 @@ def worker(method: str, n: int, device: str, repeats: int) -> dict:
         if method == "momentum rev":
             f40, _, run40 = build(method, n, torch.float64, dev, frac_bits=40)
             errors["frac_bits=40"] = rel_error(gradients(run40, f40, x64, c64), g_ref)
-    return dict(
-        method=method,
-        n=n,
-        time_s=statistics.median(times),
-        times=times,
-        nfe_forward=nfe_forward,
-        nfe_backward=nfe_backward,
-        peak_bytes=peak,
-        errors=errors,
-    )
+    return dict(method=method, n=n, nfe_forward=nfe_forward, nfe_backward=nfe_backward,
+                peak_bytes=peak, errors=errors)
 
 
-def run_isolated(method: str, n: int, device: str, repeats: int) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        method,
-        str(n),
-        "--device",
-        device,
-        "--repeats",
-        str(repeats),
-    ]
+def time_worker(n: int, methods: list[str], device: str, rounds: int) -> dict:
+    """Forward + backward times of every method at N, interleaved round by round (the order
+    rotates each round) so that load from other processes hits all methods alike."""
+    torch.set_num_threads(1)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(BATCH, D, generator=g).to(dev).requires_grad_()
+    cot = torch.randn(BATCH, D, generator=g).to(dev)
+    runs = {}
+    for m in methods:
+        field, _, run = build(m, n, torch.float32, dev)
+        runs[m] = (run, [x0, *field.parameters()])
+
+    def once(m: str) -> float:
+        run, wrt = runs[m]
+        sync()
+        start = time.perf_counter()
+        out = run(x0)
+        torch.autograd.grad((out * cot).sum(), wrt)
+        sync()
+        return time.perf_counter() - start
+
+    for m in methods:  # warm-up
+        once(m)
+    times = {m: [] for m in methods}
+    for r in range(rounds):
+        k = r % len(methods)
+        for m in methods[k:] + methods[:k]:
+            times[m].append(once(m))
+    return times
+
+
+def run_isolated(args: list[str], device: str) -> tuple[dict | None, str]:
+    """Run this script with ``args`` in a fresh interpreter: (its JSON answer, error line)."""
+    cmd = [sys.executable, os.path.abspath(__file__), *args, "--device", device]
     env = dict(os.environ)
     if device == "cpu":
         # a fixed mmap threshold returns freed temporaries to the OS at once, so that ru_maxrss
@@ -220,9 +228,8 @@ def run_isolated(method: str, n: int, device: str, repeats: int) -> dict:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return dict(method=method, n=n, failed=last)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return None, (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
 def table(results: list[dict], ns: list[int]) -> str:
@@ -243,10 +250,8 @@ def table(results: list[dict], ns: list[int]) -> str:
                 continue
             ratio = r["time_s"] / peer["time_s"] if "time_s" in peer else float("nan")
             if r["errors"]:
-                err = "; ".join(
-                    f"{v:.1e}" + ("" if k == "default" else f" ({k})")
-                    for k, v in r["errors"].items()
-                )
+                err = "; ".join(f"{v:.1e}" + ("" if k == "default" else f" ({k})")
+                                for k, v in r["errors"].items())
             else:
                 err = "reference (autograd)"
             lines.append(
@@ -258,52 +263,70 @@ def table(results: list[dict], ns: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 16, 64, 256; 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="N = 16, 64, 256; 3 rounds")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 7)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS_odeint.md"))
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         method, n = args.worker
-        print(json.dumps(worker(method, int(n), args.device, args.repeats or 5)))
+        print(json.dumps(worker(method, int(n), args.device)))
+        return
+    if args.time_worker:
+        n, *methods = args.time_worker
+        print(json.dumps(time_worker(int(n), methods, args.device, args.repeats or 7)))
         return
     ns = [16, 64, 256] if args.quick else [8, 16, 32, 64, 128, 256, 512]
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 7)
     results = []
     for n in ns:
+        here = []
         for m in METHODS:
-            r = run_isolated(m, n, args.device, repeats)
-            results.append(r)
+            r, failed = run_isolated(["--worker", m, str(n)], args.device)
+            here.append(r or dict(method=m, n=n, failed=failed))
+        ok = [r["method"] for r in here if "failed" not in r]
+        times, failed = run_isolated(
+            ["--time-worker", str(n), *ok, "--repeats", str(repeats)], args.device)
+        for r in here:
+            if "failed" not in r:
+                r["times"] = times[r["method"]] if times else []
+                r["time_s"] = statistics.median(r["times"]) if times else float("nan")
             shown = r.get("failed") or (
                 f"{1e3 * r['time_s']:.1f} ms, NFE {r['nfe_forward']}/{r['nfe_backward']}, "
-                f"{r['peak_bytes'] / 2**20:.1f} MB, err {r['errors']}"
-            )
-            print(f"N={n:4d} {m:18s} {shown}", flush=True)
+                f"{r['peak_bytes'] / 2**20:.1f} MB, err {r['errors']}")
+            print(f"N={n:4d} {r['method']:18s} {shown}", flush=True)
+        if failed:
+            print(f"N={n:4d} timing failed: {failed}", flush=True)
+        results.extend(here)
     command = "python benchmarks/bench_odeint.py" + (" --quick" if args.quick else "")
     if args.device != "cpu":
         command += f" --device {args.device}"
-    device_name = (
-        torch.cuda.get_device_name(0)
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine()
-    )
+    device_name = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                   else platform.processor() or platform.machine())
     text = f"""# odeint: reversible momentum method vs torchdiffeq
 
 Command: `{command}` ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)
 
-Machine: {args.device} ({device_name}), {os.cpu_count()} CPUs, torch {torch.__version__}, \
-torchdiffeq {torchdiffeq.__version__}, one thread per run (`torch.set_num_threads(1)`), \
-each (method, N) in a fresh interpreter.
+Machine: {args.device} ({device_name}), {os.cpu_count()} CPUs (shared with other jobs),
+torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, one thread
+(`torch.set_num_threads(1)`).
 
-Problem: `eps x'' + x' = F(x)`, eps = {EPS}, F = 64 -> 128 -> 64 tanh MLP, batch {BATCH}, t in
-[0, 1], N steps of 1/N, u0 = 0. Time: forward + backward, median of {repeats} runs (float32).
-Peak memory: increase of the process high-water mark (CPU: ru_maxrss) over a baseline after
-setup and a warm-up on a tiny copy (batch 2, 16 steps), float32, with
-`MALLOC_MMAP_THRESHOLD_=65536` on CPU so that freed temporaries leave the high-water mark.
-Gradient error: float64, relative to plain autograd on the same discretization (momentum
-autograd for `momentum rev`, torchdiffeq `odeint` for the adjoints).
-The momentum rule needs 1/N <= eps, so it does not exist at N = 8.
+Problem: `eps x'' + x' = F(x)`, eps = {EPS}, F = 64 -> 128 -> 64 tanh MLP, batch {BATCH},
+t in [0, 1], N steps of 1/N, u0 = 0.
+
+- Time: forward + backward, float32, median of {repeats} rounds; all methods of one N are
+  timed in one process, interleaved round by round.
+- NFE: evaluations of F in the forward and in the backward pass.
+- Peak memory: each (method, N) in a fresh interpreter; increase of the high-water mark
+  (CPU: ru_maxrss) over a baseline after setup and a warm-up on a tiny copy (batch 2,
+  16 steps), float32, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed temporaries leave
+  the high-water mark.
+- Gradient error: float64, `||g - g_ref|| / ||g_ref||` over the gradients of x0 and all
+  parameters, g_ref plain autograd on the same discretization (momentum autograd for
+  `momentum rev`, torchdiffeq `odeint` with the same method for the adjoints).
+- The momentum rule needs 1/N <= eps: it does not exist at N = 8.
 
 {table(results, ns)}
 """
