@@ -21,7 +21,9 @@ which is exactly a :class:`mode.MomentumResNet` with those ``f_n`` and ``gamma``
 It needs ``h <= eps``; ``eps = 0`` gives ``gamma = 0``, forward Euler. Its gradient strategy is
 chosen by ``adjoint``: ``False`` is plain autograd, ``"reversible"`` backpropagates through the
 bit-exact fixed-point reconstruction of ``mode.reversible`` (no stored activations: memory
-independent of the number of steps, gradients equal to autograd's on the same forward) and
+independent of the number of steps; the reconstructed states are bit-identical to the forward
+ones, so the gradient is autograd's on that forward, which itself runs in fixed point with
+``frac_bits`` fractional bits and differs from the float forward by O(N^2 2^-frac_bits)) and
 ``True`` through the float reconstruction (the same memory, gradients exact up to a rounding
 error amplified by about ``gamma^{-N}``, the analogue of an adjoint's approximate gradient).
 """
@@ -40,7 +42,7 @@ from torch import nn
 from .conventions import eps_to_gamma
 from .steps import Coupling, MomentumStep, ReversibleStep
 
-__all__ = ["odeint", "MethodInfo", "METHODS", "known_methods"]
+__all__ = ["odeint", "solve", "Field", "MethodInfo", "METHODS", "known_methods", "momentum_grid"]
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -584,7 +586,8 @@ def odeint(
         the reversible rule (memory independent of the steps, gradient exact up to rounding
         amplified by ``~gamma^{-N}``). ``"reversible"`` (``"momentum"`` only, ``eps > 0``):
         bit-exact fixed-point reconstruction, memory independent of the number of steps and
-        gradients equal to autograd's on the same discretization.
+        gradients of the fixed-point forward (within ``O(N^2 2^-frac_bits)`` of float
+        autograd on the same grid; raise ``options["frac_bits"]`` for more digits).
     return_velocity : bool
         Also return ``u = x'`` at the output times (momentum: ``v_n / h``; ``eps = 0``:
         ``F(t_k, x(t_k))``, one extra evaluation per output time).
