@@ -150,3 +150,12 @@ def plot(results: dict, out_dir) -> list[str]:
     ax.set_title("learned maps")
     ax.legend(loc="upper right")
     return save_figure(fig, out_dir, "dynamics_1d")
+
+
+def summary(results: dict) -> str:
+    """One line with the measured numbers, for the README."""
+    r, m = results["models"]["ResNet"], results["models"]["Momentum ResNet"]
+    return (f"Learning x -> -x^3: ResNet trajectories never cross ({r['crossings']} crossings) and "
+            f"stall at MSE {r['final_mse']:.3f} (the best order-preserving fit, "
+            f"{results['monotone_floor_mse']:.3f}); Momentum ResNet trajectories cross "
+            f"({m['crossings']} crossings) and reach MSE {m['final_mse']:.1e}.")

@@ -269,3 +269,19 @@ def plot(results: dict, out_dir) -> list[str]:
         ax.set_title(problem)
         ax.legend(fontsize=7, loc="lower left")
     return save_figure(fig, out_dir, "learning_to_optimize")
+
+
+def summary(results: dict) -> str:
+    """One line with the measured numbers, for the README."""
+    ls = results["problems"]["least squares"]
+    n = results["eval_depth"]
+
+    def fmt(x: float) -> str:
+        return f"{x:.0e}" if x > 1e-15 else "< 1e-15 (round-off)"
+
+    return (f"Unrolled learned gradient steps, least-squares suboptimality at depth {n}: ResNet "
+            f"{fmt(ls['ResNet']['final_suboptimality'])}, Momentum ResNet "
+            f"{fmt(ls['Momentum ResNet']['final_suboptimality'])}, RevNet "
+            f"{ls['RevNet']['final_suboptimality']:.1f}, Hamiltonian "
+            f"{ls['Hamiltonian net']['final_suboptimality']:.1f} (|det J| = 1 forbids an "
+            f"attracting fixed point).")

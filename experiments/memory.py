@@ -204,3 +204,20 @@ def plot(results: dict, out_dir) -> list[str]:
     axes[1].set_ylabel("wall time (ms)")
     axes[1].legend(fontsize=7)
     return save_figure(fig, out_dir, "memory")
+
+
+def summary(results: dict) -> str:
+    """One line with the measured numbers, for the README."""
+    m = results["methods"]
+    d0, d1 = results["depths"][0], results["depths"][-1]
+
+    def mib(name: str, i: int) -> str:
+        return f"{m[name]['activation_bytes'][i] / 2**20:.2f}"
+
+    return (f"Activation memory from depth {d0} to {d1}: autograd {mib('ResNet, autograd', 0)}"
+            f" -> {mib('ResNet, autograd', -1)} MiB, checkpointing "
+            f"{mib('ResNet, checkpoint per block', 0)} -> "
+            f"{mib('ResNet, checkpoint per block', -1)} MiB, reversible float "
+            f"{mib('Momentum ResNet, reversible float', -1)} MiB and exact "
+            f"{mib('Momentum ResNet, reversible exact', -1)} MiB at every depth; "
+            f"time and gradient errors in the right panel.")

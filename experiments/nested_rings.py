@@ -254,3 +254,12 @@ def plot(results: dict, out_dir) -> list[str]:
     axes[0, 0].legend(loc="lower left", fontsize=7)
     axes[1, 0].legend(loc="lower left", fontsize=7, markerscale=3)
     return save_figure(fig, out_dir, "nested_rings")
+
+
+def summary(results: dict) -> str:
+    """One line with the measured numbers, for the README."""
+    acc = {k: f"{100 * m['test_accuracy']:.1f}%" for k, m in results["models"].items()}
+    det = results["models"]["ResNet"]["min_layer_det"]
+    return (f"Nested rings, test accuracy: Neural ODE {acc['Neural ODE']}, Momentum Neural ODE "
+            f"{acc['Momentum Neural ODE']}, ResNet {acc['ResNet']} (only by folding the plane: "
+            f"min layer det {det:.2f} < 0), Momentum ResNet {acc['Momentum ResNet']}.")

@@ -214,35 +214,46 @@ def run_all(level: str = "quick", **kwargs) -> list[dict[str, Any]]:
 
 
 def figures_markdown(out: str | Path = "figures", level: str = "quick") -> str:
-    """The README section: every figure with one line on what it shows and its command."""
+    """The README section: every figure, one line on what it shows (with the measured numbers
+    of the stored results), the command that made it, and the full caption folded."""
+    import json
+
+    entries, total = [], 0.0
+    for name in EXPERIMENTS:
+        module = get(name)
+        json_path = Path(out) / f"{name}.json"
+        data = None
+        if json_path.exists():
+            with open(json_path) as fh:
+                data = json.load(fh)
+            total += data["timing"]["run_s"] + data["timing"]["plot_s"]
+        entries.append((name, module, data))
     lines = [
         "## Figures",
         "",
-        "Every figure below is regenerated, with its results as JSON beside it, by",
+        "Every figure below, with its results as JSON beside it in `figures/`, is made by one "
+        "command (deterministic given `--seed`, cached by configuration; `--force` recomputes):",
         "",
         "```",
         f"python -m experiments all --{level}",
         "```",
         "",
-        "(about the wall times given below on a 2-core CPU; `--full` sizes and `--device cuda` "
-        "are for a GPU). One experiment alone: `python -m experiments run NAME`; "
-        "`--force` recomputes cached results.",
+        f"It took {total / 60:.1f} minutes on a 2-core CPU. `--full` sizes and `--device cuda` "
+        "are meant for a GPU; `python -m experiments list` names the experiments.",
         "",
     ]
-    import json
-
-    for name in EXPERIMENTS:
-        module = get(name)
+    for name, module, data in entries:
+        line = module.TITLE
         wall = ""
-        json_path = Path(out) / f"{name}.json"
-        if json_path.exists():
-            with open(json_path) as fh:
-                data = json.load(fh)
-            t = data["timing"]["run_s"] + data["timing"]["plot_s"]
-            wall = f" ({t:.0f} s)"
-        lines += [f"### `{name}`: {module.TITLE}", ""]
+        if data is not None:
+            if hasattr(module, "summary"):
+                line = module.summary(data["results"])
+            wall = f" ({data['timing']['run_s'] + data['timing']['plot_s']:.0f} s)"
+        lines += [f"### `{name}`", ""]
         for stem in module.FIGURES:
-            lines.append(f"![{name}: {stem}](figures/{stem}.png)")
-        lines += ["", module.CAPTION.strip(), "",
-                  f"Command: `python -m experiments run {name} --{level}`{wall}", ""]
+            lines.append(f"![{name}](figures/{stem}.png)")
+        caption = " ".join(module.CAPTION.split())
+        lines += ["", line, "",
+                  f"Command: `python -m experiments run {name} --{level}`{wall}", "",
+                  "<details><summary>Caption</summary>", "", caption, "", "</details>", ""]
     return "\n".join(lines)

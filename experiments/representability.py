@@ -215,3 +215,15 @@ def plot(results: dict, out_dir) -> list[str]:
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=7.5,
             transform=ax.transAxes)
     return save_figure(fig, out_dir, "representability")
+
+
+def summary(results: dict) -> str:
+    """One line with the measured numbers, for the README."""
+    t = results["training"]
+    res = max(v["final_residual"] for v in t.values() if v["kind"] == "ResNet")
+    mom = max(v["final_residual"] for v in t.values() if v["kind"] == "Momentum ResNet")
+    verdicts = [c["verdict"] for c in results["claims"]]
+    held = f"; theory report: {verdicts.count('holds')}/{len(verdicts)} claims hold" if (
+        verdicts) else ""
+    return (f"Psi_eps and m_eps; fitting diag(-1, 1) up to scale: ResNets stall at residual "
+            f"{res:.3f} (floor sqrt(1/2)), Momentum ResNets reach {mom:.0e}{held}.")

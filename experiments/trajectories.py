@@ -215,3 +215,15 @@ def plot(results: dict, out_dir) -> list[str]:
         "saved for backward")
     ax.set_title(f"time per iteration on {results['device']} (labels: {what})", fontsize=9)
     return save_figure(fig, out_dir, "trajectories")
+
+
+def summary(results: dict) -> str:
+    """One line with the measured numbers, for the README."""
+    parts = []
+    for name, short in zip(MODELS, ("Neural ODE", "Momentum NODE (dopri5)",
+                                    "Momentum NODE (reversible)"), strict=True):
+        m = results["models"][name]
+        parts.append(f"{short} MSE {m['test_mse']:.3f}, NFE {np.mean(m['nfe_forward']):.0f}+"
+                     f"{np.mean(m['nfe_backward']):.0f}, {1e3 * m['time_per_iteration_s']:.0f} ms")
+    return "Learning a reflection of the disk (test MSE, NFE forward+backward, time per " \
+        "iteration): " + "; ".join(parts) + "."

@@ -118,6 +118,11 @@ def test_cli_list_run_and_bad_device(tmp_path, capsys):
     assert "device must be 'cpu' or 'cuda'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "no_such_experiment"])
+    assert main(["docs", "--out", str(tmp_path)]) == 0
+    docs = capsys.readouterr().out
+    assert docs.startswith("## Figures") and "python -m experiments all --quick" in docs
+    assert all(f"![{name}](figures/" in docs for name in NAMES)
+    assert "Reconstructing x_0" in docs  # the stored results' one-line summary
 
 
 def test_resolve_device():
