@@ -195,3 +195,15 @@ def test_find_theta_refuses_what_its_certificate_cannot_confirm():
         theory.find_theta(D, 0.3)
     theta = theory.find_theta(D, 0.3, certified=False)  # closed-form residual check only
     np.testing.assert_allclose(theory.psi(theta, 0.3), D, rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps,k", [(0.05, 3), (0.01, 2)])
+def test_nilpotent_blocks_need_the_small_scale(eps, k):
+    # a Jordan chain at 0 much longer than |m_eps| makes theta = g(D) huge (0 is |m_eps| from
+    # the critical value), and at eps = 0.01 |m_eps| ~ 2e-21 is below D's rank threshold; the
+    # scale fraction |m_eps| / ||D|| resolves both
+    rng = np.random.default_rng(10)
+    D = similar(scipy.linalg.block_diag(jordan_block(0.0, k), [[1.0]]), rng, cond_max=50)
+    lam, theta = theory.representable_scale(D, eps)
+    assert 0 < lam <= 0.5 * abs(theory.min_gain(eps)) / np.linalg.norm(D, 2) * (1 + 1e-12)
+    _certified(theta, lam * D, eps)

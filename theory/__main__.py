@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for c in claims:
         print(f"[{c['id']}] {c['verdict']}: {c['criterion']}")
+        if c.get("notes"):
+            print(f"     note: {c['notes']}")
     print(f"\n{sum(c['verdict'] == 'holds' for c in claims)}/{len(claims)} claims hold "
           f"({'full' if args.full else 'quick'} mode, seed {args.seed}, {elapsed:.1f} s)")
     if args.json:

@@ -15,7 +15,8 @@ preimage ``z`` with ``Psi'(z) != 0``, the analytic local inverse ``g`` (``g(lam)
 Taylor series ``g(lam + t) = z + sum_j c_j t^j`` obtained by series reversion from the Taylor
 coefficients ``a_j`` of ``Psi_eps`` at ``z`` (the first row of ``Psi_eps(z I + N)``, ``N`` the
 nilpotent shift, by the block ``expm``); then ``g(B) = z I + sum_j c_j (B - lam I)^j``, which is
-exact for a single Jordan block and converges for a tight cluster.
+exact for a single Jordan block and converges for a tight cluster.  The reversion runs in the
+scaled variable ``t / |a_1|`` so that nothing overflows when ``Psi_eps`` varies on a tiny scale.
 """
 
 from __future__ import annotations
@@ -144,26 +145,34 @@ def primary_inverse(B: np.ndarray, lam: complex, z: complex, eps: float,
     Returns
     -------
     (n, n) complex array ``z I + sum_{j>=1} c_j (B - lam I)^j`` (the series is cut when the
-    terms fall below 1e-17 of the sum, or at ``max_order``, default ``n + 12``).
+    terms fall below 1e-17 of the sum, or at ``max_order``, default ``n + 12``).  Pass the
+    largest Jordan block size minus one as ``max_order`` when the structure is known: beyond
+    the nilpotency index the powers of ``B - lam I`` are rounding noise, which the growing
+    coefficients of ``g`` (radius of convergence ~ the distance to a critical value) amplify.
     """
     n = B.shape[0]
     N = B - lam * np.eye(n)
     order = max_order if max_order is not None else n + 12
     out = z * np.eye(n, dtype=complex)
-    scale = max(1.0, abs(lam))
-    if np.linalg.norm(N) <= 1e-300:
+    if np.linalg.norm(N) <= 1e-300 or order < 1:
         return out
     a = taylor_coefficients(z, eps, order)
-    if abs(a[1]) <= 1e-13 * scale:
-        # critical point: only a semisimple cluster (N = 0 up to rounding) can be mapped
-        if np.linalg.norm(N) <= 1e-12 * scale:
+    if abs(a[1]) <= 1e-8 * float(np.max(np.abs(a[1:]))):
+        # critical point (Psi' = 0 relative to the other Taylor coefficients; an absolute test
+        # would misread the tiny but regular derivative near a zero of Psi at small eps):
+        # only a semisimple cluster (N = 0 up to rounding) can be mapped
+        if np.linalg.norm(N) <= 1e-12 * max(abs(lam), float(np.linalg.norm(B))):
             return out
         raise NotRepresentable(f"Psi_eps'(z) = 0 at the preimage z={z} of {lam}: the critical "
                                "value has no analytic inverse on a non-trivial Jordan block")
-    c = reversion(a)
+    # reversion in the scaled variable tau = t / |a_1|: coefficients and powers stay O(1)
+    # even when Psi varies on a tiny scale (small eps gives Psi' ~ exp(-1/(2 eps)))
+    sigma = abs(a[1])
+    c = reversion(a / sigma)
+    Ns = N / sigma
     P = np.eye(n, dtype=complex)
     for j in range(1, order + 1):
-        P = P @ N
+        P = P @ Ns
         term = c[j] * P
         out = out + term
         if np.linalg.norm(term) <= 1e-17 * np.linalg.norm(out):

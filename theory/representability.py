@@ -65,7 +65,7 @@ class Cluster:
     center: complex
     indices: tuple[int, ...]
     kind: str  # "real" or "complex"
-    blocks: dict[int, int] | None  # Jordan block sizes {size: count} (real clusters)
+    blocks: dict[int, int]  # Jordan block sizes {size: count} as resolved at rank_tol
     treatment: str  # primary | critical | paired | singular | unpaired | undecided
     radius: float
 
@@ -181,8 +181,15 @@ def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
         for g in _single_linkage(w, members, rad):
             center = complex(np.mean(w[g]))
             if abs(center.imag) > rad:
-                if center.imag > 0:
-                    clusters.append(Cluster(center, tuple(g), "complex", None, "primary", rad))
+                if center.imag > 0:  # the conjugate cluster is built from this one
+                    _, B = _invariant_basis(D, w, g, real=False)
+                    blocks = jordan_block_sizes(B - center * np.eye(len(g)), scale, rank_tol)
+                    if blocks is None:
+                        if rad / 1000 > rank_threshold:
+                            visit(g, rad / 1000)
+                            continue
+                        blocks = {1: len(g)}
+                    clusters.append(Cluster(center, tuple(g), "complex", blocks, "primary", rad))
                 continue
             lam = center.real
             _, B = _invariant_basis(D, w, g, real=True)
@@ -242,7 +249,7 @@ def _paired_block(B: np.ndarray, lam: float, blocks: dict[int, int], eps: float,
     z = preimage(complex(lam, 0.0), eps) if eps == 0 or lam < min_gain(eps) else None
     if z is None or z.imag == 0:
         z = _nonreal_preimage(lam, eps)
-    G = primary_inverse(B_complex, complex(lam), z, eps)
+    G = primary_inverse(B_complex, complex(lam), z, eps, max_order=max(blocks) - 1)
     return P @ _realify(G) @ np.linalg.inv(P)
 
 
@@ -276,14 +283,15 @@ def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
         if c.kind == "complex":
             V, B = _invariant_basis(D, w, g, real=False)
             z = preimage(c.center, eps)
-            G = primary_inverse(B, c.center, z, eps)
+            G = primary_inverse(B, c.center, z, eps, max_order=max(c.blocks) - 1)
             columns += [V, V.conj()]
             blocks += [G, G.conj()]
             continue
         V, B = _invariant_basis(D, w, g, real=True)
         lam = c.center.real
         if c.treatment == "primary":
-            X = primary_inverse(B, complex(lam), preimage(complex(lam), eps), eps).real
+            X = primary_inverse(B, complex(lam), preimage(complex(lam), eps), eps,
+                                max_order=max(c.blocks) - 1).real
         elif c.treatment == "critical":
             X = min_gain_point(eps)[1] * np.eye(len(g))
         else:  # paired
@@ -333,7 +341,9 @@ def find_theta(D, eps: float, *, tol: float = RESIDUAL_TOL, certified: bool = Tr
         raise NotRepresentable(
             f"construction is numerically unreliable: residual {con.residual:.2e}, imaginary "
             f"part {con.imag_residual:.2e} (tolerance {tol:g}); basis condition number "
-            f"{con.cond_basis:.2e}"
+            f"{con.cond_basis:.2e}, ||theta||_F = {np.linalg.norm(con.theta):.2e} (a long Jordan "
+            "chain near a critical value of Psi_eps makes theta huge; a smaller scale of D, see "
+            "representable_scale, is better conditioned)"
         )
     if certified:
         cert = certify(con.theta, D, eps)
@@ -358,32 +368,56 @@ def is_representable(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
 def representable_scale(D, eps: float, *, fraction: float = 0.5, tol: float = RESIDUAL_TOL,
                         certified: bool = True, cluster_tol: float = CLUSTER_TOL,
                         rank_tol: float = RANK_TOL) -> tuple[float, np.ndarray]:
-    """``(lam, theta)`` with ``lam > 0`` and ``Psi_eps(theta) = lam D``.
+    """``(lam, theta)`` with ``lam > 0`` and ``Psi_eps(theta) = lam D`` (``theta``: ``(d, d)``).
 
-    ``lam = 1`` when ``D`` itself is representable.  Otherwise (``eps > 0``) ``lam`` moves the
-    most negative offending real eigenvalue ``mu`` to ``fraction * m_eps``:
-    ``lam = fraction * m_eps / mu``, so every real eigenvalue of ``lam D`` is ``> m_eps`` and
-    ``lam D`` is representable.  At ``eps = 0`` no positive factor changes the signs of the
-    eigenvalues or the Jordan structure, so a non-representable ``D`` raises.
+    Scales are tried in decreasing order until a preimage is built (and certified):
+
+    1. ``lam = 1`` when ``D`` itself is representable;
+    2. otherwise (``eps > 0``) ``lam = fraction * m_eps / mu`` for the most negative offending
+       real eigenvalue ``mu``: every real eigenvalue of ``lam D`` is then ``> m_eps``, so
+       ``lam D`` is representable;
+    3. if the construction is numerically unreliable (a Jordan chain much longer than the
+       distance ``|m_eps|`` from 0 to the critical value makes ``theta`` huge), or the
+       offending eigenvalue is 0 to within the rank threshold of ``D`` (its position relative
+       to a tiny ``m_eps`` is not resolved), the smaller ``lam = fraction |m_eps| / ||D||_2``:
+       the whole spectrum of ``lam D`` lies in the disc of radius ``fraction |m_eps|``, where
+       the tolerances (relative to ``||lam D||``) resolve it and the local inverse converges.
+
+    At ``eps = 0`` no positive factor changes the signs of the eigenvalues or the Jordan
+    structure, so a non-representable ``D`` raises :class:`theory.NotRepresentable`.
     """
     if not (0 < fraction < 1):
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     D = check_square_real(D)
     eps = check_eps(eps)
     an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
-    if an.representable:
-        return 1.0, find_theta(D, eps, tol=tol, certified=certified, cluster_tol=cluster_tol,
-                               rank_tol=rank_tol)
+    kwargs = dict(tol=tol, certified=certified, cluster_tol=cluster_tol, rank_tol=rank_tol)
     if eps == 0.0:
-        raise NotRepresentable(
-            an.reason + "; at eps = 0 a positive factor keeps every eigenvalue's sign and "
-            "Jordan structure (and the sign of det), so no scale helps"
-        )
-    bad = [c.center.real for c in an.clusters if c.treatment in ("unpaired", "undecided")]
-    mu = min(bad)
-    lam = fraction * an.m_eps / mu
-    if not lam > 0:
-        raise NotRepresentable(f"m_eps = {an.m_eps} underflows in float64 at eps = {eps}: "
-                               "no usable scale")
-    return lam, find_theta(lam * D, eps, tol=tol, certified=certified, cluster_tol=cluster_tol,
-                           rank_tol=rank_tol)
+        if not an.representable:
+            raise NotRepresentable(
+                an.reason + "; at eps = 0 a positive factor keeps every eigenvalue's sign and "
+                "Jordan structure (and the sign of det), so no scale helps"
+            )
+        return 1.0, find_theta(D, eps, **kwargs)
+    if not an.m_eps < 0:
+        raise NotRepresentable(f"m_eps = {an.m_eps} underflows in float64 at eps = {eps}: no "
+                               "positive scale can be resolved")
+    scales = []
+    if an.representable:
+        scales.append(1.0)
+    else:
+        bad = [c.center.real for c in an.clusters if c.treatment in ("unpaired", "undecided")]
+        if min(bad) < -an.rank_threshold:
+            scales.append(fraction * an.m_eps / min(bad))
+        # else: the offending eigenvalue is 0 to within the rank threshold of D (its sign
+        # relative to m_eps is unresolved at this scale); the scale below resolves it
+    small = fraction * abs(an.m_eps) / (float(np.linalg.norm(D, 2)) or 1.0)
+    if not scales or small < scales[-1]:
+        scales.append(small)
+    failures = []
+    for lam in scales:
+        try:
+            return lam, find_theta(lam * D, eps, **kwargs)
+        except NotRepresentable as exc:
+            failures.append(f"lam={lam:.3g}: {exc.reason}")
+    raise NotRepresentable("no scale gave a certified preimage: " + " | ".join(failures))

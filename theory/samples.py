@@ -60,7 +60,7 @@ def _reflection(rng):
 
 
 def _defective(rng):
-    lam = float(rng.choice([-3.0, -1.0, -0.05, 0.5, 2.0]))
+    lam = float(rng.choice([-3.0, -1.0, -0.05, 0.0, 0.5, 2.0]))
     k = int(rng.choice([2, 3]))
     blocks = [jordan_block(lam, k)]
     if rng.random() < 0.5:
