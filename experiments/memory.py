@@ -144,7 +144,10 @@ def run(config: dict) -> dict:
             buffer = 0
             if v is not None and getattr(model, "exact", False):
                 record = mode.reversible.information_buffer(out, v)
-                buffer = int(record.buffer.nbytes) if record is not None else 0
+                if record is None:  # never report a buffer of 0 bytes that was not measured
+                    raise RuntimeError("the exact forward's information buffer was not found "
+                                       "(mode.reversible.information_buffer returned None)")
+                buffer = int(record.buffer.nbytes)
             blocks.zero_grad(set_to_none=True)
             out.pow(2).sum().backward()  # (reentrant checkpointing supports .backward only)
             del out, v
