@@ -150,7 +150,8 @@ def run_experiment(
     resolve_device(device)
     threads = cpu_threads()
     revision = getattr(module, "REVISION", 0)
-    chash = config_hash({"config": config, "revision": revision})
+    # the cache key: the configuration, the experiment's revision and the library's version
+    chash = config_hash({"config": config, "revision": revision, "mode": _versions()["mode"]})
     out = Path(out)
     json_path = out / f"{name}.json"
     progress = Progress(name)
