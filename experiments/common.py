@@ -153,9 +153,13 @@ def config_hash(config: dict) -> str:
 
 
 def _atomic_target(path: Path, suffix: str):
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 

@@ -37,7 +37,7 @@ A discrete ResNet can separate them only by leaving that regime: its title repor
 smallest Jacobian determinant of a layer x -> x + f_n(x) on the data; a negative value means
 the learned steps fold the plane (they are not invertible and no longer discretize a flow).
 """
-REVISION = 1
+REVISION = 2
 
 CONFIGS = {
     "tiny": {"n_train": 128, "n_test": 128, "hidden": 16, "eps": 0.5, "horizon": 1.0,
@@ -128,6 +128,11 @@ class Classifier(nn.Module):
         return self.readout(end).squeeze(-1)
 
 
+def plotted(t: torch.Tensor, decimals: int = 4) -> np.ndarray:
+    """An array kept only for the figure, rounded (in float64) to keep the JSON small."""
+    return np.round(t.detach().cpu().double().numpy(), decimals)
+
+
 def min_layer_det(flow: mode.MomentumResNet, x: torch.Tensor) -> float:
     """Smallest ``det(I + df_n/dx)`` of the ResNet layers ``x -> x + f_n(x)`` along the data.
 
@@ -157,7 +162,7 @@ def run(config: dict) -> dict:
     grid = torch.tensor(np.stack(np.meshgrid(g, g), -1).reshape(-1, 2), device=device)
     show = np.concatenate([np.arange(config["n_traj"] // 2),
                            config["n_train"] // 2 + np.arange(config["n_traj"] // 2)])
-    out: dict = {"grid_axis": g, "x_train": xtr.cpu().numpy(), "y_train": ytr.cpu().numpy(),
+    out: dict = {"grid_axis": g, "x_train": plotted(xtr), "y_train": ytr.cpu().numpy(),
                  "show": show, "models": {}}
     loss_fn = nn.BCEWithLogitsLoss()
     for k, kind in enumerate(MODELS):
@@ -187,8 +192,8 @@ def run(config: dict) -> dict:
             "test_accuracy": acc_test,
             "final_loss": losses[-1],
             "loss_curve": losses[:: max(1, len(losses) // 200)],
-            "probability_grid": prob,
-            "paths": paths.permute(1, 0, 2),  # (n_traj, steps + 1, 2)
+            "probability_grid": plotted(prob),
+            "paths": plotted(paths.permute(1, 0, 2)),  # (n_traj, steps + 1, 2)
             "readout": {"w": w, "b": b},
             "gamma": getattr(model, "gamma", None),
             "min_layer_det": det,
