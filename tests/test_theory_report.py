@@ -64,3 +64,15 @@ def test_full_report_cli_writes_json(tmp_path, capsys):
     assert [c["id"] for c in data["claims"]] == [1, 2, 3, 4, 5, 6, 7]
     assert all(c["verdict"] == "holds" for c in data["claims"])
     assert "claims hold" in capsys.readouterr().out
+
+
+def test_json_writer_handles_numpy_and_complex(tmp_path):
+    from theory.__main__ import write_json
+
+    path = tmp_path / "sub" / "out.json"
+    write_json(str(path), {"a": np.float64(1.5), "b": np.array([1, 2]), "c": 2 + 3j,
+                           "d": np.bool_(True), "e": [np.complex128(1j)], "f": float("inf")})
+    data = json.loads(path.read_text())
+    assert data == {"a": 1.5, "b": [1, 2], "c": [2.0, 3.0], "d": True, "e": [[0.0, 1.0]],
+                    "f": float("inf")}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]  # no temporary left behind

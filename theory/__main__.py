@@ -27,6 +27,8 @@ def _jsonable(obj):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
         return float(obj)
+    if isinstance(obj, (np.complexfloating, complex)):
+        return [float(obj.real), float(obj.imag)]
     return obj
 
 

@@ -200,7 +200,8 @@ def claim_growth(rng: np.random.Generator, quick: bool) -> dict:
                     constructed += 1
                 else:
                     ill.append({"eps": e, "residual": residual, "theta_norm": norm,
-                                "eigenvalues": [complex(x) for x in np.linalg.eigvals(D)]})
+                                "eigenvalues_re_im": [[float(x.real), float(x.imag)]
+                                                      for x in np.linalg.eigvals(D)]})
     tol = 1e-6
     nondecreasing = all(b >= a for a, b in zip(counts, counts[1:]))
     holds = violations == 0 and nondecreasing and counts[-1] > counts[0] and worst <= tol
