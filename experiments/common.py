@@ -63,13 +63,13 @@ def color(i: int | str) -> str:
     return OKABE_ITO[_CYCLE[i % len(_CYCLE)]]
 
 
-def style() -> None:
-    """Set the matplotlib defaults used by every figure of the study."""
+def style(dpi: int = 150) -> None:
+    """Set the matplotlib defaults used by every figure of the study (PNG at ``dpi``)."""
     plt.rcParams.update(
         {
             "axes.prop_cycle": matplotlib.cycler(color=[OKABE_ITO[c] for c in _CYCLE]),
             "figure.dpi": 110,
-            "savefig.dpi": 150,
+            "savefig.dpi": dpi,
             "font.size": 9,
             "axes.titlesize": 10,
             "axes.labelsize": 9,

@@ -41,7 +41,7 @@ REVISION = 1
 
 CONFIGS = {
     "tiny": {"hidden": 16, "n_points": 4, "eps_list": [0.1, 1.0], "depths": [16, 64],
-             "eps_zero": [0.01, 0.1], "overlay_eps": 0.3, "overlay_depths": [5, 20],
+             "eps_zero": [0.05, 0.1], "overlay_eps": 0.3, "overlay_depths": [5, 20],
              "n_overlay": 3},
     "quick": {"hidden": 16, "n_points": 16, "eps_list": [0.05, 0.2, 1.0],
               "depths": [20, 40, 80, 160, 320, 640, 1280, 2560],

@@ -155,7 +155,7 @@ def run_experiment(
     out = Path(out)
     json_path = out / f"{name}.json"
     progress = Progress(name)
-    style()
+    style(dpi=50 if level == "tiny" else 150)  # smoke tests need no print-quality raster
     t0 = time.perf_counter()
     cached = None if force else _is_cached(json_path, chash)
     if cached is not None:
