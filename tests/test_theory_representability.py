@@ -207,3 +207,18 @@ def test_nilpotent_blocks_need_the_small_scale(eps, k):
     lam, theta = theory.representable_scale(D, eps)
     assert 0 < lam <= 0.5 * abs(theory.min_gain(eps)) / np.linalg.norm(D, 2) * (1 + 1e-12)
     _certified(theta, lam * D, eps)
+
+
+def test_at_the_critical_value():
+    eps = 0.5
+    m = theory.min_gain(eps)
+    # semisimple at m_eps: theta = z* I, the minimiser of Psi_eps on the real line
+    theta = theory.find_theta(m * np.eye(2), eps)
+    np.testing.assert_allclose(theory.psi(np.diag(theta), eps), [m, m], rtol=1e-12)
+    # one Jordan block J_2(m_eps): Psi' = 0 at z*, so no real preimage keeps the block; the
+    # critical splitting is not implemented, and the answer says so instead of guessing
+    an = theory.analyze(jordan_block(m, 2), eps)
+    assert not an.representable and "critical value" in an.reason
+    # a pair of J_2(m_eps) blocks: a conjugate pair of non-real preimages
+    D = scipy.linalg.block_diag(jordan_block(m, 2), jordan_block(m, 2))
+    _certified(theory.find_theta(D, eps), D, eps)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import numpy as np
 import scipy.optimize
 
 from ._checks import check_eps
@@ -107,8 +106,3 @@ def real_preimage(lam: float, eps: float) -> float:
             if abs(step) < 1e-8 * (1 + abs(z)):
                 z -= step
     return float(z)
-
-
-def _check_range_sample(eps: float, zs: np.ndarray) -> float:
-    """Smallest sampled value of ``Psi_eps`` on ``zs`` (used by the report)."""
-    return float(np.min(psi_scalar(zs, eps)))

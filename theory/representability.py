@@ -39,8 +39,8 @@ from ._checks import NotRepresentable, check_eps, check_square_real
 from .certify import certify
 from .inverse import _newton, preimage, primary_inverse
 from .jordan import jordan_block_sizes, jordan_chains
-from .psi import psi_matrix
-from .range import min_gain, min_gain_point
+from .psi import dpsi_scalar, psi_matrix
+from .range import min_gain, min_gain_point, real_preimage
 
 __all__ = [
     "Cluster",
@@ -68,6 +68,7 @@ class Cluster:
     blocks: dict[int, int]  # Jordan block sizes {size: count} as resolved at rank_tol
     treatment: str  # primary | critical | paired | singular | unpaired | undecided
     radius: float
+    at_tol: float = 0.0  # |lam - m_eps| below this counts as *at* the critical value
 
     @property
     def size(self) -> int:
@@ -201,7 +202,8 @@ def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
                 blocks = {1: len(g)}  # unresolvable at rank_tol: count the copies as simple
             at_tol = rank_threshold + float(np.max(np.abs(w[g] - lam)))
             treatment = _classify_real(lam, blocks, eps, m, at_tol, singular and abs(lam) <= rad)
-            clusters.append(Cluster(complex(lam), tuple(g), "real", blocks, treatment, rad))
+            clusters.append(Cluster(complex(lam), tuple(g), "real", blocks, treatment, rad,
+                                    at_tol))
 
     visit(list(range(len(w))), radius)
     bad = [c for c in clusters if c.treatment in ("singular", "unpaired", "undecided")]
@@ -218,8 +220,9 @@ def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
             reasons.append(f"real eigenvalue {c.center.real:.6g} {where} has Jordan blocks "
                            f"[{sizes}] that do not come in equal pairs")
         else:
-            reasons.append(f"eigenvalue {c.center.real:.6g} sits at the critical value m_eps "
-                           f"with unpaired non-trivial blocks [{sizes}]: undecided here")
+            reasons.append(f"eigenvalue {c.center.real:.6g} is within {c.at_tol:.1e} of the "
+                           f"critical value m_eps = {m:.6g} and has unpaired non-trivial blocks "
+                           f"[{sizes}]: undecided here")
     reason = "; ".join(reasons) if reasons else "representable"
     return Analysis(eps, m, clusters, not reasons, reason, radius, rank_threshold, w)
 
@@ -246,21 +249,39 @@ def _paired_block(B: np.ndarray, lam: float, blocks: dict[int, int], eps: float,
     M = np.linalg.solve(P, B @ P)
     h = n // 2
     B_complex = 0.5 * (M[:h, :h] + M[h:, h:]) + 0.5j * (M[h:, :h] - M[:h, h:])
-    z = preimage(complex(lam, 0.0), eps) if eps == 0 or lam < min_gain(eps) else None
-    if z is None or z.imag == 0:
-        z = _nonreal_preimage(lam, eps)
+    z = preimage(complex(lam, 0.0), eps) if eps == 0 else _nonreal_preimage(lam, eps)
     G = primary_inverse(B_complex, complex(lam), z, eps, max_order=max(blocks) - 1)
     return P @ _realify(G) @ np.linalg.inv(P)
 
 
 def _nonreal_preimage(lam: float, eps: float) -> complex:
-    # a non-real preimage of a real lam >= m_eps (paired blocks at the critical value): follow
-    # Psi from the upper half plane down to lam
-    z = preimage(complex(lam, 1e-3 * max(1.0, abs(lam))), eps)
-    z, ok = _newton(z, complex(lam), eps, 1e-14 * max(1.0, abs(lam)))
-    if not ok or abs(z.imag) < 1e-8:
+    """A non-real ``z`` with ``Psi_eps(z) = lam`` for a real ``lam`` at (or near) ``m_eps``.
+
+    Needed for paired Jordan blocks below (or at) the critical value.  Preimages next to
+    ``z*`` have ``Psi' ~ 0``, which makes ``theta`` on a Jordan block huge; so besides the arc
+    continuation (:func:`theory.inverse.preimage`, for ``lam < m_eps``), Newton runs from starts
+    spread around ``z*`` in the upper half plane, and the preimage with the largest ``|Psi'|``
+    is returned.
+    """
+    z_star = min_gain_point(eps)[1]
+    best, best_slope = None, 0.0
+    if lam < min_gain(eps):
+        best = preimage(complex(lam, 0.0), eps)
+        best_slope = abs(complex(dpsi_scalar(best, eps)))
+    for radius in (0.5, 2.0, 5.0, 10.0):
+        for phi in np.linspace(0.2, np.pi - 0.2, 5):
+            start = z_star + radius * (1.0 + abs(z_star)) * complex(np.cos(phi), np.sin(phi))
+            try:
+                z, ok = _newton(start, complex(lam), eps, 1e-14 * max(1.0, abs(lam)), maxit=60)
+            except (OverflowError, ZeroDivisionError):
+                continue  # this start ran off to infinity; the others decide
+            if ok and z.imag > 1e-6 * (1.0 + abs(z)):
+                slope = abs(complex(dpsi_scalar(z, eps)))
+                if slope > best_slope:
+                    best, best_slope = z, slope
+    if best is None:
         raise NotRepresentable(f"no non-real preimage of {lam} found for the paired blocks")
-    return z
+    return best
 
 
 def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
@@ -292,8 +313,8 @@ def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
         if c.treatment == "primary":
             X = primary_inverse(B, complex(lam), preimage(complex(lam), eps), eps,
                                 max_order=max(c.blocks) - 1).real
-        elif c.treatment == "critical":
-            X = min_gain_point(eps)[1] * np.eye(len(g))
+        elif c.treatment == "critical":  # semisimple: any real preimage, no derivative needed
+            X = real_preimage(max(lam, an.m_eps), eps) * np.eye(len(g))
         else:  # paired
             try:
                 X = _paired_block(B, lam, c.blocks, eps, scale, rank_tol)
