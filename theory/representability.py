@@ -7,8 +7,11 @@ block of size ``k`` at ``Psi(mu)``.  A real eigenvalue ``lam`` of ``D`` with no 
 (``lam < m``; at ``eps = 0``: ``lam <= 0``) can only come from non-real ``mu``, which come in
 conjugate pairs with identical Jordan structure, so its Jordan blocks come in equal pairs.
 Conversely every other eigenvalue has a non-critical preimage (real for real ``lam > m``;
-``Psi`` is entire of order 1/2 and takes every complex value) and the primary inverse gives
-``theta``; paired blocks get a conjugate pair ``z, conj(z)`` through a complex structure.  So
+``Psi`` is entire of order 1/2 and takes every complex value; for non-real ``lam`` that a
+preimage with ``Psi' != 0`` exists rests on the critical values of ``Psi`` being real, which a
+numerical search supports, see :mod:`theory.inverse`) and the primary inverse gives ``theta``;
+paired blocks get a conjugate pair ``z, conj(z)`` through a complex structure (the non-real
+preimage with the largest ``|Psi'|`` found, to keep ``theta`` well-conditioned).  So
 
     D = Psi_eps(theta) for a real theta  <=>  for every real eigenvalue lam < m_eps (lam <= 0
     at eps = 0), each Jordan block size occurs an even number of times; at eps = 0 also
@@ -17,7 +20,10 @@ Conversely every other eigenvalue has a non-critical preimage (real for real ``l
 At ``eps = 0`` this is Culver's real-logarithm criterion.  For ``eps > 0`` singular maps *are*
 representable (``Psi_eps`` has real zeros).  The critical value ``lam = m_eps`` itself (a
 measure-zero case) is decided only for semisimple or paired blocks; an unpaired non-trivial
-block there is reported as undecided (a ``NotRepresentable`` whose reason says so).
+block there is reported as undecided (a ``NotRepresentable`` whose reason says so).  Note
+that "at ``m_eps``" is judged at the tolerances below: for small ``eps`` (``|m_eps|`` below
+the rank threshold, e.g. ``eps = 0.01`` where ``m_eps ~ -2e-21``) an eigenvalue 0 with a
+non-trivial Jordan block is undecided at scale 1, while ``representable_scale`` resolves it.
 
 **Numerics.** Eigenvalues are grouped by single linkage at ``cluster_tol * ||D||_2``; each
 cluster gets an orthonormal basis of its invariant subspace from a sorted Schur form (real
