@@ -142,3 +142,29 @@ def test_real_preimage_roundtrip(eps):
     if eps > 0:
         with pytest.raises(ValueError, match="below m_eps"):
             real_preimage(lo * 1.01, eps)
+
+
+@pytest.mark.parametrize("eps", [0.1, 2.0])
+def test_critical_points_found_by_newton_are_real(eps):
+    # evidence for the statement in theory.inverse: Newton on Psi' from a grid of complex
+    # starts converges only to real critical points (so the critical values are real)
+    found = []
+    for x in np.linspace(-40.0, 10.0, 9):
+        for y in np.linspace(-20.0, 20.0, 9):
+            z = complex(x, y)
+            for _ in range(60):
+                h = 1e-6 * (1 + abs(z))
+                d1 = complex(dpsi_scalar(z, eps))
+                d2 = (complex(dpsi_scalar(z + h, eps)) - complex(dpsi_scalar(z - h, eps))) / (2 * h)
+                if d2 == 0 or not np.isfinite(abs(d1 / d2)):
+                    break
+                z -= d1 / d2
+                if abs(d1 / d2) < 1e-12 * (1 + abs(z)):
+                    break
+            scale = abs(complex(psi_scalar(z, eps))) + abs(complex(dpsi_scalar(z.real, eps)))
+            if abs(z) < 1e4 and abs(complex(dpsi_scalar(z, eps))) < 1e-9 * max(scale, 1e-300):
+                found.append(z)
+    assert found  # the search does find critical points (z* at least)
+    assert max(abs(z.imag) for z in found) < 1e-6
+    m, z_star = min_gain_point(eps)
+    assert min(abs(z - z_star) for z in found) < 1e-6 * (1 + abs(z_star))
