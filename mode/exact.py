@@ -35,26 +35,16 @@ __all__ = [
     "FixedPoint",
     "InformationBuffer",
     "rational",
-    "floor_divide",
 ]
 
 DEFAULT_FRAC_BITS = 32
 MAX_DENOMINATOR = 2**16
 # |q| < 2**STATE_BITS keeps q * n (n <= MAX_DENOMINATOR) and small shifts inside int64.
 STATE_BITS = 62 - 16
-# floor(t / m) is computed in float64 when |t| < 2**52 is guaranteed: t is then exact, and the
-# rounding error of t / m (below 1 / (2m)) cannot cross an integer, whose distance is >= 1/m.
+# floor(t / m) and ceil(t / m) are computed in float64 when |t| < 2**52 is guaranteed: t is then
+# exact, and the rounding error of t / m (below 1 / (2m)) cannot cross an integer, whose distance
+# from a non-integer t / m is at least 1 / m. Larger multipliers fall back to int64 division.
 _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
-
-
-def floor_divide(t: torch.Tensor, m: int | torch.Tensor, exact_in_float64: bool) -> torch.Tensor:
-    """``floor(t / m)`` for int64 ``t``; through float64 (fast) when that is exact."""
-    if isinstance(m, int) and m & (m - 1) == 0:
-        return t >> (m.bit_length() - 1)  # arithmetic shift: floor for negatives too
-    if exact_in_float64:
-        m = m.to(torch.float64) if isinstance(m, torch.Tensor) else float(m)
-        return torch.floor(t.to(torch.float64) / m).to(torch.int64)
-    return t // m
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 
 
@@ -165,7 +155,7 @@ class InformationBuffer:
 
     def push(self, k: torch.Tensor, b: torch.Tensor | int, max_base: int) -> None:
         """Push digits ``k`` (``0 <= k < b <= max_base``, the state's shape) in bases ``b``."""
-        k = k.reshape(-1).to(torch.float64)
+        k = k.reshape(-1)
         if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
             full = self.word >= _WORD_LIMIT // max_base
             if bool(full.any()):
@@ -186,11 +176,13 @@ class InformationBuffer:
         self._bound = self._bound * max_base + max_base - 1
 
     def pop(self, b: torch.Tensor | int) -> torch.Tensor:
-        """Pop and return (as int64) the digits pushed last in bases ``b`` (the state's shape)."""
+        """Pop the digits pushed last in bases ``b``; returned as integer-valued float64."""
         if not isinstance(b, int):
             b = b.reshape(-1).to(torch.float64)
         quotient = torch.floor(self.word / b)  # exact: words are integers below 2^52
-        k = self.word - quotient * b
+        k = torch.addcmul(self.word, quotient, b, value=-1) if not isinstance(b, int) else (
+            torch.add(self.word, quotient, alpha=-b)
+        )
         self.word = quotient
         if self._stacked:
             empty = (quotient == 1.0) & (self.height > 0)
@@ -200,7 +192,7 @@ class InformationBuffer:
                 self.word[idx] = self.stack[levels, idx]
                 self.height[idx] = levels
                 self._stacked = bool((self.height > 0).any())
-        return k.reshape(self.shape).to(torch.int64)
+        return k.reshape(self.shape)
 
     def reader(self) -> InformationBuffer:
         """A cursor on the same digits: popping from it leaves this buffer intact."""
@@ -228,21 +220,22 @@ class InformationBuffer:
     def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre.
 
-        For ``d < 2n`` (multipliers above 1/2) both are comparisons: the position is
-        ``[r >= n]`` and the size ``1 + [r mod n < d - n]``.
+        ``r`` holds small integers (``0 <= r < d``) in float64, where these are exact. For
+        ``d < 2n`` (multipliers above 1/2) both are comparisons: the position is ``[r >= n]``
+        and the size ``1 + [r mod n < d - n]``.
         """
         if d < 2 * n:
-            position = (r >= n).to(torch.int64)
-            return position, 1 + (r - n * position < d - n).to(torch.int64)
-        position = floor_divide(r, n, True)  # r < d: small, exact in float64
-        return position, floor_divide(d - (r - n * position) + n - 1, n, True)
+            position = (r >= n).to(r.dtype)
+            return position, 1 + (torch.add(r, position, alpha=-n) < d - n).to(r.dtype)
+        position = torch.floor(r / n)
+        return position, torch.floor((torch.add(r, position, alpha=-n).neg_() + (d + n - 1)) / n)
 
     @staticmethod
     def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
-        """``ceil((d - s) / n)`` for ``0 <= s < n``."""
+        """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n``."""
         if d < 2 * n:
-            return 1 + (s < d - n).to(torch.int64)
-        return floor_divide(d - s + n - 1, n, True)
+            return 1 + (s < d - n).to(s.dtype)
+        return torch.floor((d + n - 1 - s) / n)
 
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """``q -> sign * floor(q n / d)``, pushing the position of ``q`` in its fibre.
@@ -251,9 +244,17 @@ class InformationBuffer:
         ``q - floor(r / n)`` and has ``ceil((d - r mod n) / n)`` elements.
         """
         if n != d:
-            t = q * n if n != 1 else q
-            out = floor_divide(t, d, max(n, d) <= _FLOAT_DIVISION_MAX)
-            r = t - out * d
+            if max(n, d) <= _FLOAT_DIVISION_MAX:  # |q n| < 2^52: all of it exact in float64
+                t = q.to(torch.float64)
+                if n != 1:
+                    t = t * n
+                out = torch.floor(t / d)
+                r = torch.add(t, out, alpha=-d)
+                out = out.to(torch.int64)
+            else:
+                t = q * n
+                out = t // d
+                r = (t - out * d).to(torch.float64)
             if n == 1:  # the fibre of out is [out d, out d + d): position r, size d
                 self.push(r, d, d)
             else:
@@ -270,12 +271,17 @@ class InformationBuffer:
         if sign < 0:
             q = -q
         if n != d:
-            u = q * d
             if n == 1:
-                q = u + self.pop(d)
-            else:
-                lo = -floor_divide(-u, n, max(n, d) <= _FLOAT_DIVISION_MAX)
-                q = lo + self.pop(self._fibre_size(lo * n - u, n, d))
+                return q * d + self.pop(d).to(torch.int64)
+            if max(n, d) <= _FLOAT_DIVISION_MAX:  # |q' d| < 2^52: exact in float64
+                u = q.to(torch.float64) * d
+                lo = torch.ceil(u / n)
+                s = torch.add(lo * n, u, alpha=-1)
+                return (lo + self.pop(self._fibre_size(s, n, d))).to(torch.int64)
+            u = q * d
+            lo = -((-u) // n)
+            s = (lo * n - u).to(torch.float64)
+            q = lo + self.pop(self._fibre_size(s, n, d)).to(torch.int64)
         return q
 
     def __repr__(self) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mode
-from mode.exact import FixedPoint, InformationBuffer, floor_divide, rational
+from mode.exact import STATE_BITS, FixedPoint, InformationBuffer, rational
 
 
 @pytest.mark.parametrize("depth,horizon", [(1, 1.0), (10, 1.0), (64, 3.0)])
@@ -67,11 +67,16 @@ def test_buffer_round_trip_through_many_layers_and_spills(gamma):
     assert per_layer < 32 / 4  # far below storing a float32 activation
 
 
-def test_floor_divide_float_path_is_exact_near_its_bound():
-    t = torch.tensor([2**52 - 1, -(2**52) + 1, 2**52 - 7, 12345678912345, -98765432109876])
-    for m in (2, 3, 7, 10, 64):
-        fast = floor_divide(t, m, True)
-        assert fast.tolist() == [int(v) // m for v in t]
+@pytest.mark.parametrize("gamma", [5 / 7, 0.9, 0.99, 7261 / 58814])
+def test_scale_is_exact_at_the_edge_of_the_state_range(gamma):
+    """Near |q| = 2^46, on the float64 path (n, d <= 64) and the int64 one (larger)."""
+    sign, n, d = rational(gamma)
+    edge = 2**STATE_BITS - 1
+    q = torch.tensor([edge, -edge, edge - 12345, -(edge - 777), 2**40 + 3, -(2**33) - 1])
+    buf = InformationBuffer(q.shape)
+    out = buf.scale(q, sign, n, d)
+    assert out.tolist() == [(int(v) * n) // d for v in q]
+    assert torch.equal(buf.reader().unscale(out, sign, n, d), q)
 
 
 def test_rational_and_fixed_point_errors():
