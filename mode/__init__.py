@@ -6,34 +6,53 @@ A model is a vector field, an integrator and a gradient strategy:
 - :mod:`mode.steps` -- invertible one-step maps written as additive couplings;
 - :mod:`mode.exact` -- fixed-point arithmetic with an information buffer (bit-exact reversal);
 - :mod:`mode.reversible` -- the depth-independent-memory backprop engine over a chain of steps;
-- :mod:`mode.networks` -- ``nn.Module`` front ends (``MomentumResNet``, ...).
+- :mod:`mode.networks` -- ``nn.Module`` front ends (``MomentumResNet``, ``RevNet``, ...,
+  ``NeuralODE``);
+- :mod:`mode.solve` -- ``odeint``: torchdiffeq methods and the momentum method side by side;
+- :mod:`mode.convert` -- drop-in conversion of an existing network's residual stages.
 """
 
 from . import exact, reversible
 from .conventions import eps_to_gamma, gamma_to_eps
-from .networks import MomentumResNet, ReversibleNet
+from .convert import convert  # the function; the module is mode.convert's namesake
+from .networks import (
+    HamiltonianNet,
+    LeapfrogNet,
+    MidpointNet,
+    MomentumNeuralODE,
+    MomentumResNet,
+    MRevNet,
+    NeuralODE,
+    ReversibleNet,
+    RevNet,
+)
+from .solve import odeint
 from .steps import Coupling, MomentumStep, ReversibleStep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # conventions
     "gamma_to_eps",
     "eps_to_gamma",
+    # the step protocol and the engine
     "Coupling",
     "ReversibleStep",
     "MomentumStep",
-    "MomentumResNet",
-    "ReversibleNet",
     "exact",
     "reversible",
+    # networks
+    "ReversibleNet",
+    "MomentumResNet",
+    "RevNet",
+    "HamiltonianNet",
+    "MidpointNet",
+    "LeapfrogNet",
+    "MRevNet",
+    "NeuralODE",
+    "MomentumNeuralODE",
+    # continuous solvers and conversion
+    "odeint",
+    "convert",
 ]
-
-from .convert import convert  # noqa: E402  (the function shadows the submodule's name)
-from .networks.coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet  # noqa: E402
-
-__all__ += ["RevNet", "HamiltonianNet", "MidpointNet", "LeapfrogNet", "MRevNet", "convert"]
-from .networks.ode import MomentumNeuralODE, NeuralODE  # noqa: E402
-from .solve import odeint  # noqa: E402
-
-__all__ += ["odeint", "NeuralODE", "MomentumNeuralODE"]

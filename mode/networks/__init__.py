@@ -3,6 +3,7 @@
 from .base import ReversibleNet
 from .coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet
 from .momentum import MomentumResNet
+from .ode import MomentumNeuralODE, NeuralODE
 
 __all__ = [
     "ReversibleNet",
@@ -12,4 +13,6 @@ __all__ = [
     "MidpointNet",
     "LeapfrogNet",
     "MRevNet",
+    "NeuralODE",
+    "MomentumNeuralODE",
 ]
