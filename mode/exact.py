@@ -7,14 +7,15 @@ fractional bits, and every operation of a coupling is an exact bijection on inte
 * ``+ shift * other`` and ``+ Q(phi(other))`` are integer additions, undone by subtraction
   (``Q(y) = round(y 2^F)`` is evaluated on the float value of the fixed-point ``other``, so the
   forward and the inverse see bit-identical inputs);
-* ``* alpha`` with ``alpha = +-n/d`` (a rational, ``d <= MAX_DENOMINATOR``) maps ``q`` to
-  ``q' = floor(q n / d)``. The map is many-to-one; its fibre
-  ``{q : floor(q n / d) = q'} = [ceil(q' d / n), ceil((q' + 1) d / n))`` has ``b`` elements
+* ``* alpha`` with ``alpha = +-n/d`` (a rational, ``d <= MAX_DENOMINATOR``) maps ``q`` to the
+  nearest integer ``q' = floor((q n + c) / d)``, ``c = floor(d / 2)``. The map is many-to-one;
+  its fibre ``[ceil((q' d - c) / n), ceil((q' d - c + d) / n))`` has ``b`` elements
   (``b = floor(d/n)`` or ``ceil(d/n)``), and the position ``k`` of ``q`` in it is pushed onto an
   :class:`InformationBuffer` as a base-``b`` digit. The inverse pops ``k`` and returns
-  ``ceil(q' d / n) + k``.
+  ``ceil((q' d - c) / n) + k``.
 
-Rounding is floor division with its matching non-negative remainder throughout. The buffer
+Rounding is floor division with its matching non-negative remainder throughout (the shift by
+``c`` makes the multiplication round to nearest, so errors do not drift with depth). The buffer
 stores ``log2 b`` bits per scalar per multiplication (on average about ``log2(d / n)``), grows
 as needed and never wraps; a state that leaves the representable range raises
 :class:`FixedPointOverflow` instead of wrapping.
@@ -238,21 +239,23 @@ class InformationBuffer:
         return torch.floor((d + n - 1 - s) / n)
 
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
-        """``q -> sign * floor(q n / d)``, pushing the position of ``q`` in its fibre.
+        """``q -> sign * round(q n / d)``, pushing the position of ``q`` in its fibre.
 
-        With ``q n = q' d + r`` (``0 <= r < d``) the fibre of ``q'`` starts at
-        ``q - floor(r / n)`` and has ``ceil((d - r mod n) / n)`` elements.
+        The rounding is ``q' = floor((q n + c) / d)`` with ``c = floor(d / 2)``: to nearest, so
+        that rounding errors do not drift over many layers. With ``q n + c = q' d + r``
+        (``0 <= r < d``) the fibre of ``q'`` starts at ``q - floor(r / n)`` and has
+        ``ceil((d - r mod n) / n)`` elements.
         """
         if n != d:
+            c = d // 2
             if max(n, d) <= _FLOAT_DIVISION_MAX:  # |q n| < 2^52: all of it exact in float64
                 t = q.to(torch.float64)
-                if n != 1:
-                    t = t * n
+                t = t * n + c if n != 1 else t + c
                 out = torch.floor(t / d)
                 r = torch.add(t, out, alpha=-d)
                 out = out.to(torch.int64)
             else:
-                t = q * n
+                t = q * n + c
                 out = t // d
                 r = (t - out * d).to(torch.float64)
             if n == 1:  # the fibre of out is [out d, out d + d): position r, size d
@@ -265,20 +268,21 @@ class InformationBuffer:
     def unscale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``.
 
-        The fibre of ``q'`` starts at ``lo = ceil(q' d / n)``; with ``s = lo n - q' d``
-        (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
+        The fibre of ``q'`` starts at ``lo = ceil(u / n)`` with ``u = q' d - c``; with
+        ``s = lo n - u`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
         """
         if sign < 0:
             q = -q
         if n != d:
+            c = d // 2
             if n == 1:
-                return q * d + self.pop(d).to(torch.int64)
+                return q * d - c + self.pop(d).to(torch.int64)
             if max(n, d) <= _FLOAT_DIVISION_MAX:  # |q' d| < 2^52: exact in float64
-                u = q.to(torch.float64) * d
+                u = q.to(torch.float64) * d - c
                 lo = torch.ceil(u / n)
                 s = torch.add(lo * n, u, alpha=-1)
                 return (lo + self.pop(self._fibre_size(s, n, d))).to(torch.int64)
-            u = q * d
+            u = q * d - c
             lo = -((-u) // n)
             s = (lo * n - u).to(torch.float64)
             q = lo + self.pop(self._fibre_size(s, n, d)).to(torch.int64)
