@@ -146,10 +146,6 @@ def _get_rng(devices: list[int]) -> tuple:
     return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
 
-def _same_rng(a: tuple, b: tuple) -> bool:
-    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
-
-
 @contextmanager
 def _replay_rng(saved: tuple | None, devices: list[int]):
     """Run the block with the RNG state ``saved`` and restore the caller's state after."""
@@ -274,38 +270,56 @@ class _Chain:
         self.rng: list[tuple | None] = []
 
 
-def _keep_rng_of_random_steps(chain: _Chain, snapshots: list[tuple]) -> None:
-    """Keep the RNG state before each step that drew random numbers; ``None`` elsewhere.
+def _rng_signature(state: tuple) -> tuple:
+    """A cheap fingerprint of an RNG state: any draw changes it.
 
-    ``snapshots`` holds the state before every step and after the last; when the generator did
-    not move at all (the common case) one comparison settles it.
+    The CPU generator's serialized state starts with its position and seed and ends with the
+    cached normal sample; the first words of the Mersenne-twister array change at every
+    regeneration. The 16-byte CUDA states are taken whole.
     """
-    if _same_rng(snapshots[0], snapshots[-1]):
-        chain.rng = [None] * (len(snapshots) - 1)
-    else:
-        chain.rng = [
-            None if _same_rng(a, b) else a for a, b in zip(snapshots[:-1], snapshots[1:])
-        ]
+    cpu = state[0]
+    return (
+        bytes(cpu[:64].numpy()),
+        bytes(cpu[-64:].numpy()),
+        *(bytes(c.numpy()) for c in state[1]),
+    )
+
+
+class _RngRecorder:
+    """Keeps the RNG state before each step that drew random numbers (``None`` elsewhere).
+
+    Holds at most one other state at a time, so its memory does not grow with depth.
+    """
+
+    def __init__(self, devices: list[int]):
+        self.devices = devices
+        self.before = _get_rng(devices)
+        self.signature = _rng_signature(self.before)
+        self.states: list[tuple | None] = []
+
+    def step_done(self) -> None:
+        after = _get_rng(self.devices)
+        signature = _rng_signature(after)
+        self.states.append(None if signature == self.signature else self.before)
+        self.before, self.signature = after, signature
 
 
 def _forward_float(chain: _Chain, s: list[torch.Tensor], args: tuple, devices) -> list:
-    snapshots = []
+    rng = _RngRecorder(devices)
     for step in chain.steps:
-        snapshots.append(_get_rng(devices))
         for c in step.couplings():
             s[c.target] = coupling_update(c, s, args)
         if step.swap:
             s = [s[1], s[0]]
-    snapshots.append(_get_rng(devices))
-    _keep_rng_of_random_steps(chain, snapshots)
+        rng.step_done()
+    chain.rng = rng.states
     return s
 
 
 def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, devices) -> list:
     fp, buf = chain.exact, chain.buffer
-    snapshots = []
+    rng = _RngRecorder(devices)
     for step in chain.steps:
-        snapshots.append(_get_rng(devices))
         for c in step.couplings():
             t, o = c.target, 1 - c.target
             new = buf.scale(q[t], *rational(_alpha_value(c.alpha)))
@@ -318,8 +332,8 @@ def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, dev
             q[t] = fp.check(new)
         if step.swap:
             q = [q[1], q[0]]
-    snapshots.append(_get_rng(devices))
-    _keep_rng_of_random_steps(chain, snapshots)
+        rng.step_done()
+    chain.rng = rng.states
     return q
 
 
