@@ -47,6 +47,9 @@ STATE_BITS = 62 - 16
 # from a non-integer t / m is at least 1 / m. Larger multipliers fall back to int64 division.
 _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
+# A spill moves words that are at most this many bits (plus one digit) short of full: the next
+# few pushes then need no overflow test, at the price of words stored a little below 52 bits.
+SPILL_MARGIN_BITS = 6
 
 
 class FixedPointOverflow(ValueError):
@@ -124,13 +127,14 @@ class FixedPoint:
 class InformationBuffer:
     """A stack of mixed-radix digits per scalar: what ``floor`` forgets, kept losslessly.
 
-    Each scalar owns a word ``w`` (an integer ``1 <= w < 2^52``, held exactly in float64;
-    ``w = 1`` is an empty word) and a stack of full words. ``push(k, b)`` with
-    ``0 <= k < b <= max_base`` sets ``w <- w b + k``, first moving a word above
-    ``2^52 / max_base`` onto the stack; ``pop(b)`` returns ``w mod b`` and sets ``w <- w div b``,
-    reloading the word below when ``w`` returns to ``1``. ``push`` and ``pop`` are exact inverses
-    (a base-1 digit changes nothing, so where an empty word is reloaded around one does not
-    matter): the buffer never loses or invents information, and grows only when it must.
+    Each scalar owns an open word ``w`` (an integer ``1 <= w < 2^52``, held exactly in float64;
+    ``w = 1`` is empty). ``push(k, b)`` with ``0 <= k < b <= max_base`` sets ``w <- w b + k``;
+    ``pop(b)`` returns ``w mod b`` and sets ``w <- w div b``. Before a push that could overflow
+    some word, the words holding at least ``52 - SPILL_MARGIN_BITS - log2(max_base)`` bits are
+    moved to a *level* (their indices and values, tagged with the push count), and reopened
+    empty; the pop of that same push finds its level by the count and restores the words. So
+    ``push`` and ``pop`` are exact inverses, pop inspects no data, and the buffer grows only
+    by full words.
 
     Parameters
     ----------
@@ -143,41 +147,38 @@ class InformationBuffer:
         self.shape = torch.Size(shape)
         n = self.shape.numel()
         self.word = torch.ones(n, dtype=torch.float64, device=device)
-        self.height = torch.zeros(n, dtype=torch.int64, device=device)
-        self.stack = torch.zeros(0, n, dtype=torch.float64, device=device)
+        self.pushes = 0  # digits pushed so far, per scalar
+        self.levels: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (pushes, idx, words)
+        self._index_dtype = torch.int32 if n < 2**31 else torch.int64
         self._bound = 1  # an upper bound on every word, so that most pushes need no test
-        self._stacked = False  # whether any scalar has a word on its stack
 
-    def _grow(self, levels: int) -> None:
-        new = max(levels, 2 * self.stack.shape[0], 4)
-        grown = self.stack.new_zeros(new, self.stack.shape[1])
-        grown[: self.stack.shape[0]] = self.stack
-        self.stack = grown
+    def _spill(self, max_base: int) -> None:
+        """Move the fullest words to a new level so that the next push cannot overflow."""
+        self._bound = int(self.word.max())
+        if self._bound * max_base < _WORD_LIMIT:
+            return
+        threshold = max(_WORD_LIMIT // (max_base << SPILL_MARGIN_BITS), 2)
+        idx = (self.word >= threshold).nonzero().squeeze(1)
+        self.levels.append((self.pushes, idx.to(self._index_dtype), self.word[idx]))
+        self.word.index_fill_(0, idx, 1.0)
+        self._bound = int(self.word.max())
 
     def push(self, k: torch.Tensor, b: torch.Tensor | int, max_base: int) -> None:
         """Push digits ``k`` (``0 <= k < b <= max_base``, the state's shape) in bases ``b``."""
         k = k.reshape(-1)
         if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
-            full = self.word >= _WORD_LIMIT // max_base
-            if bool(full.any()):
-                idx = full.nonzero().squeeze(1)
-                levels = self.height[idx]
-                top = int(levels.max()) + 1
-                if top > self.stack.shape[0]:
-                    self._grow(top)
-                self.stack[levels, idx] = self.word[idx]
-                self.height[idx] = levels + 1
-                self.word[idx] = 1.0
-                self._stacked = True
-            self._bound = int(self.word.max())
+            self._spill(max_base)
         if isinstance(b, int):
             self.word = torch.add(k, self.word, alpha=b)
         else:
             self.word = torch.addcmul(k, self.word, b.reshape(-1).to(torch.float64))
+        self.pushes += 1
         self._bound = self._bound * max_base + max_base - 1
 
     def pop(self, b: torch.Tensor | int) -> torch.Tensor:
         """Pop the digits pushed last in bases ``b``; returned as integer-valued float64."""
+        if self.pushes == 0:
+            raise RuntimeError("pop from an empty InformationBuffer")
         if not isinstance(b, int):
             b = b.reshape(-1).to(torch.float64)
         quotient = torch.floor(self.word / b)  # exact: words are integers below 2^52
@@ -185,14 +186,10 @@ class InformationBuffer:
             torch.add(self.word, quotient, alpha=-b)
         )
         self.word = quotient
-        if self._stacked:
-            empty = (quotient == 1.0) & (self.height > 0)
-            if bool(empty.any()):
-                idx = empty.nonzero().squeeze(1)
-                levels = self.height[idx] - 1
-                self.word[idx] = self.stack[levels, idx]
-                self.height[idx] = levels
-                self._stacked = bool((self.height > 0).any())
+        self.pushes -= 1
+        if self.levels and self.levels[-1][0] == self.pushes:
+            _, idx, words = self.levels.pop()
+            self.word.index_copy_(0, idx.to(torch.int64), words)
         return k.reshape(self.shape)
 
     def reader(self) -> InformationBuffer:
@@ -200,43 +197,45 @@ class InformationBuffer:
         other = InformationBuffer.__new__(InformationBuffer)
         other.shape = self.shape
         other.word = self.word.clone()
-        other.height = self.height.clone()
-        other.stack = self.stack  # popped levels are only read, never overwritten
+        other.pushes = self.pushes
+        other.levels = list(self.levels)  # the levels are only read, never written
+        other._index_dtype = self._index_dtype
         other._bound = self._bound
-        other._stacked = self._stacked
         return other
 
     @property
     def bits(self) -> int:
-        """Information held, in bits (52 per full word plus the bits of the open words)."""
-        open_bits = torch.log2(self.word).sum()
-        return int(52 * int(self.height.sum()) + math.ceil(float(open_bits)))
+        """Information held, in bits (the bits of every stored and open word)."""
+        held = torch.log2(self.word).sum() + sum(torch.log2(w).sum() for _, _, w in self.levels)
+        return math.ceil(float(held))
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for the buffer (words, heights and the stack)."""
-        return 8 * (self.word.numel() + self.height.numel() + self.stack.numel())
+        """Bytes allocated for the buffer (open words, stored words and their indices)."""
+        stored = sum(i.numel() * i.element_size() + 8 * w.numel() for _, i, w in self.levels)
+        return 8 * self.word.numel() + stored
 
     @staticmethod
     def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre.
 
         ``r`` holds small integers (``0 <= r < d``) in float64, where these are exact. For
-        ``d < 2n`` (multipliers above 1/2) both are comparisons: the position is ``[r >= n]``
-        and the size ``1 + [r mod n < d - n]``.
+        ``d < 2n`` (multipliers above 1/2) the position is ``[r >= n] = clamp(r - n + 1, 0, 1)``
+        and the size ``1 + [r mod n < d - n]``, written as clamps too (comparisons that yield
+        booleans cost several times more than float arithmetic).
         """
         if d < 2 * n:
-            position = (r >= n).to(r.dtype)
-            return position, 1 + (torch.add(r, position, alpha=-n) < d - n).to(r.dtype)
-        position = torch.floor(r / n)
-        return position, torch.floor((torch.add(r, position, alpha=-n).neg_() + (d + n - 1)) / n)
+            position = torch.clamp(r - (n - 1), 0, 1)
+        else:
+            position = torch.floor(r / n)
+        return position, InformationBuffer._fibre_size(torch.add(r, position, alpha=-n), n, d)
 
     @staticmethod
     def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
         """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n``."""
-        if d < 2 * n:
-            return 1 + (s < d - n).to(s.dtype)
-        return torch.floor((d + n - 1 - s) / n)
+        if d < 2 * n:  # 1 + [s < d - n]
+            return torch.clamp((d - n + 1) - s, 1, 2)
+        return torch.floor(((d + n - 1) - s) / n)
 
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """``q -> sign * round(q n / d)``, pushing the position of ``q`` in its fibre.

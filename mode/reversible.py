@@ -135,6 +135,38 @@ def _warn_amplification(steps: list[ReversibleStep], dtype: torch.dtype) -> None
 
 
 # --------------------------------------------------------------------------------------------
+# per-step caches
+
+# Walking every step's module tree on every call costs as much as a tenth of a small network's
+# forward pass, so the parameter list of each step is cached. Any parameter or submodule
+# registered anywhere (assignment, ``register_parameter``, ``add_module``, ``load_state_dict(
+# assign=True)``, parametrizations, pruning) bumps the generation and invalidates every entry.
+# A removed parameter may linger in an entry; it then simply receives no gradient.
+_generation = [0]
+_step_params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bump_generation(*_) -> None:
+    _generation[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
+nn.modules.module.register_module_module_registration_hook(_bump_generation)
+
+
+def _cached_parameters(step: ReversibleStep) -> list[torch.Tensor]:
+    """``_parameters(step)``, cached until a parameter or module is registered anywhere."""
+    entry = _step_params.get(step)
+    if entry is None or entry[0] != _generation[0]:
+        # ``.to()`` under this flag replaces parameters without registering them
+        if torch.__future__.get_overwrite_module_params_on_conversion():
+            return _parameters(step)
+        entry = (_generation[0], _parameters(step))
+        _step_params[step] = entry
+    return entry[1]
+
+
+# --------------------------------------------------------------------------------------------
 # faithful recomputation: RNG state and BatchNorm statistics
 
 
@@ -162,14 +194,20 @@ def _replay_rng(saved: tuple | None, devices: list[int]):
 _norms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _batchnorms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers inside ``module`` (cached like the parameter lists)."""
+    entry = _norms.get(module)
+    if entry is None or entry[0] != _generation[0]:
+        found = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        entry = (_generation[0], found)
+        _norms[module] = entry
+    return entry[1]
+
+
 @contextmanager
 def _frozen_batchnorm(module: nn.Module):
     """Use batch statistics as in training, but do not update the running statistics."""
-    if module not in _norms:
-        _norms[module] = [
-            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-    frozen = [m for m in _norms[module] if m.training and m.track_running_stats]
+    frozen = [m for m in _batchnorms(module) if m.training and m.track_running_stats]
     for m in frozen:
         m.track_running_stats = False
     try:
@@ -213,7 +251,7 @@ def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.
     arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     per_step = []
     for step in steps:
-        own = [add(p) for p in _parameters(step) if p.requires_grad]
+        own = [add(p) for p in _cached_parameters(step) if p.requires_grad]
         for c in step.couplings():
             if isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad:
                 own.append(add(c.alpha))
@@ -221,7 +259,7 @@ def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.
     return tensors, per_step
 
 
-_verified: weakref.WeakSet = weakref.WeakSet()
+_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # step -> generation
 
 
 def _check_closure(step: ReversibleStep, out: torch.Tensor, known: list[torch.Tensor]) -> None:
@@ -230,7 +268,7 @@ def _check_closure(step: ReversibleStep, out: torch.Tensor, known: list[torch.Te
     Such a tensor (a parameter of a residual function that is not a submodule of the step,
     say) would silently receive no gradient in reversible mode.
     """
-    if step in _verified or out.grad_fn is None:
+    if _verified.get(step) == _generation[0] or out.grad_fn is None:
         return
     stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
     known_ids = {id(t) for t in known}
@@ -249,7 +287,7 @@ def _check_closure(step: ReversibleStep, out: torch.Tensor, known: list[torch.Te
                 f"(make the function an nn.Module holding it) or use reversible=False."
             )
         todo.extend(f for f, _ in fn.next_functions)
-    _verified.add(step)
+    _verified[step] = _generation[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +441,10 @@ class _ReversibleFunction(torch.autograd.Function):
             if step.swap:
                 s, g = [s[1], s[0]], [g[1], g[0]]
             inputs = [tensors[j] for j in idx]
+            if rng is None and not _batchnorms(step):
+                for c in reversed(step.couplings()):
+                    _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
+                continue
             with _replay_rng(rng, devices), _frozen_batchnorm(step):
                 for c in reversed(step.couplings()):
                     _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
@@ -418,14 +460,13 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
     alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
     if c.phi is None and not alpha_grad:
         # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
+        prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
         if exact is None:
-            prev = s[t] - c.shift * s[o] if c.shift else s[t]
             s[t] = prev / a if a != 1.0 else prev
         else:
-            prev = s[t] - c.shift * s[o] if c.shift else s[t]
             s[t] = buf.unscale(prev, *rational(a))
         if c.shift:
-            g[o] = g[o] + c.shift * g[t]
+            g[o] = torch.add(g[o], g[t], alpha=c.shift)
         if a != 1.0:
             g[t] = a * g[t]
         return
@@ -437,17 +478,13 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
         _check_closure(step, p, [other, *inputs])
     # reconstruct the slot before the coupling
     if exact is None:
-        prev = s[t]
-        if c.shift:
-            prev = prev - c.shift * s[o]
+        prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
         if p is not None:
             prev = prev - p.detach()
         prev = prev / a if a != 1.0 else prev
         s[t] = prev
     else:
-        q = s[t]
-        if c.shift:
-            q = q - c.shift * s[o]
+        q = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
         if p is not None:
             q = q - exact.encode(p.detach(), "phi(state)")
         s[t] = buf.unscale(q, *rational(a))
@@ -463,7 +500,7 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
         grad_outputs.append((prev * gt).sum().reshape(c.alpha.shape).to(c.alpha.dtype))
     vjp = torch.autograd.grad(outputs, [other, *inputs], grad_outputs, allow_unused=True)
     if c.shift:
-        g[o] = g[o] + c.shift * gt
+        g[o] = torch.add(g[o], gt, alpha=c.shift)
     if vjp[0] is not None:
         g[o] = g[o] + vjp[0]
     for j, v in zip(idx, vjp[1:]):

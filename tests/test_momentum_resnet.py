@@ -499,6 +499,29 @@ def test_unregistered_parameter_is_detected():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_parameters_replaced_between_calls_receive_gradients(exact):
+    """The engine caches each step's parameter list; registering a new one must invalidate it."""
+    functions = [mlp() for _ in range(3)]
+    net = mode.MomentumResNet(functions, 0.5, exact=exact)
+    ref = mode.MomentumResNet(functions, 0.5, reversible=False)
+    x = torch.randn(4, D, dtype=torch.float64)
+    net(x).sum().backward()  # fills the caches
+    functions[1][0].weight = nn.Parameter(torch.randn(12, D, dtype=torch.float64))
+    functions[2].add_module("3", nn.Tanh())
+    functions[2][2].register_parameter("extra", nn.Parameter(torch.ones((), dtype=torch.float64)))
+    functions[2][2].forward = lambda h, lin=functions[2][2]: lin.extra * nn.functional.linear(
+        h, lin.weight, lin.bias
+    )
+    params = list(net.parameters())
+    got = torch.autograd.grad(net(x).pow(2).sum(), params)
+    want = torch.autograd.grad(ref(x).pow(2).sum(), params)
+    assert_close_lists(list(got), list(want), rtol=1e-6 if exact else 1e-9, atol=1e-8)
+    position = {id(p): i for i, p in enumerate(params)}
+    assert got[position[id(functions[1][0].weight)]].abs().sum() > 0
+    assert got[position[id(functions[2][2].extra)]].abs() > 0
+
+
 def test_repr_is_informative():
     text = repr(mode.MomentumResNet([mlp() for _ in range(4)], 0.9, exact=True))
     assert "depth=4" in text and "gamma=0.9" in text and "exact" in text and "eps=2.5" in text
