@@ -1,8 +1,10 @@
 """Fixed-point arithmetic and the information buffer that make reversal bit-exact.
 
 Float inversion of a momentum layer divides by ``gamma``, so rounding errors grow like
-``gamma^-N``. In exact mode a state ``s`` is held as an int64 ``q = round(s 2^F)`` with ``F``
-fractional bits, and every operation of a coupling is an exact bijection on integers:
+``gamma^-N``. In exact mode a state ``s`` is held as an integer ``q = round(s 2^F)`` with ``F``
+fractional bits (stored in float64, exact since ``|q| < 2^STATE_BITS``; float arithmetic is
+several times faster than int64 on CPUs), and every operation of a coupling is an exact
+bijection on integers:
 
 * ``+ shift * other`` and ``+ Q(phi(other))`` are integer additions, undone by subtraction
   (``Q(y) = round(y 2^F)`` is evaluated on the float value of the fixed-point ``other``, so the
@@ -40,11 +42,13 @@ __all__ = [
 
 DEFAULT_FRAC_BITS = 32
 MAX_DENOMINATOR = 2**16
-# |q| < 2**STATE_BITS keeps q * n (n <= MAX_DENOMINATOR) and small shifts inside int64.
+# |q| < 2**STATE_BITS keeps sums of a few states exact in float64, and q * n (n <=
+# MAX_DENOMINATOR) inside int64.
 STATE_BITS = 62 - 16
 # floor(t / m) and ceil(t / m) are computed in float64 when |t| < 2**52 is guaranteed: t is then
 # exact, and the rounding error of t / m (below 1 / (2m)) cannot cross an integer, whose distance
-# from a non-integer t / m is at least 1 / m. Larger multipliers fall back to int64 division.
+# from a non-integer t / m is at least 1 / m. Numerators n above this bound make q n too large
+# for that, and fall back to int64 division.
 _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 # A spill moves words that are at most this many bits (plus one digit) short of full: the next
@@ -76,10 +80,11 @@ def rational(alpha: float) -> tuple[int, int, int]:
 
 
 class FixedPoint:
-    """Conversion between floats and int64 fixed point with ``frac_bits`` fractional bits.
+    """Conversion between floats and fixed point with ``frac_bits`` fractional bits.
 
-    ``encode(x) = round(x 2^F)`` (computed in float64), ``decode(q) = q 2^-F`` cast back to the
-    float dtype of the model. Representable magnitudes are below ``2^(STATE_BITS - F)``.
+    ``encode(x) = round(x 2^F)`` (exact scaling, rounded in ``x``'s own format, held as float64),
+    ``decode(q) = q 2^-F`` rounded to the float dtype of the model. Representable magnitudes
+    are below ``2^(STATE_BITS - F)``.
     """
 
     def __init__(self, frac_bits: int = DEFAULT_FRAC_BITS):
@@ -104,6 +109,7 @@ class FixedPoint:
         )
 
     def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
+        """``round(x 2^F)`` as integer-valued float64; raises if out of range or not finite."""
         # Scaling by a power of two and rounding are exact in the input's own float format.
         y = torch.round(x.detach() * self.scale)
         low, high = torch.aminmax(y)
@@ -111,15 +117,16 @@ class FixedPoint:
             if not bool(torch.isfinite(y).all()):
                 raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
-        return y.to(torch.int64)
+        return y.to(torch.float64)
 
     def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # Rounding q to dtype, then scaling by a power of two: the same as rounding q 2^-F.
-        return q.to(dtype) * (1.0 / self.scale)
+        """``q 2^-F`` rounded once to ``dtype`` (the scaling by a power of two is exact)."""
+        return (q * (1.0 / self.scale)).to(dtype)
 
     def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
+        """``q`` itself, after checking ``|q| < 2^STATE_BITS``."""
         low, high = torch.aminmax(q)
-        if int(low) <= -self.limit or int(high) >= self.limit:
+        if not (float(low) > -self.limit and float(high) < self.limit):
             raise self._overflow(what)
         return q
 
@@ -243,21 +250,21 @@ class InformationBuffer:
         The rounding is ``q' = floor((q n + c) / d)`` with ``c = floor(d / 2)``: to nearest, so
         that rounding errors do not drift over many layers. With ``q n + c = q' d + r``
         (``0 <= r < d``) the fibre of ``q'`` starts at ``q - floor(r / n)`` and has
-        ``ceil((d - r mod n) / n)`` elements.
+        ``ceil((d - r mod n) / n)`` elements. ``q`` holds integers; the result is float64.
         """
+        q = q.to(torch.float64)
         if n != d:
             c = d // 2
-            if max(n, d) <= _FLOAT_DIVISION_MAX:  # |q n| < 2^52: all of it exact in float64
-                t = q.to(torch.float64)
-                t = t * n + c if n != 1 else t + c
+            if n <= _FLOAT_DIVISION_MAX:  # |q n + c| < 2^52: all of it exact in float64
+                t = q * n + c if n != 1 else q + c
                 out = torch.floor(t / d)
                 r = torch.add(t, out, alpha=-d)
-                out = out.to(torch.int64)
             else:
-                t = q * n + c
-                out = t // d
-                r = (t - out * d).to(torch.float64)
-            if n == 1:  # the fibre of out is [out d, out d + d): position r, size d
+                t = q.to(torch.int64) * n + c
+                whole = t // d
+                r = (t - whole * d).to(torch.float64)
+                out = whole.to(torch.float64)
+            if n == 1:  # the fibre of out is [out d - c, out d - c + d): position r, size d
                 self.push(r, d, d)
             else:
                 self.push(*self._fibre_of_remainder(r, n, d), -(-d // n))
@@ -270,21 +277,22 @@ class InformationBuffer:
         The fibre of ``q'`` starts at ``lo = ceil(u / n)`` with ``u = q' d - c``; with
         ``s = lo n - u`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
         """
+        q = q.to(torch.float64)
         if sign < 0:
             q = -q
         if n != d:
             c = d // 2
-            if n == 1:
-                return q * d - c + self.pop(d).to(torch.int64)
-            if max(n, d) <= _FLOAT_DIVISION_MAX:  # |q' d| < 2^52: exact in float64
-                u = q.to(torch.float64) * d - c
+            if n == 1:  # |q' d| <= |q| + d: exact
+                return q * d - c + self.pop(d)
+            if n <= _FLOAT_DIVISION_MAX:  # |q' d| <= |q| n + d < 2^52: exact in float64
+                u = q * d - c
                 lo = torch.ceil(u / n)
                 s = torch.add(lo * n, u, alpha=-1)
-                return (lo + self.pop(self._fibre_size(s, n, d))).to(torch.int64)
-            u = q * d - c
+                return lo + self.pop(self._fibre_size(s, n, d))
+            u = q.to(torch.int64) * d - c
             lo = -((-u) // n)
             s = (lo * n - u).to(torch.float64)
-            q = lo + self.pop(self._fibre_size(s, n, d)).to(torch.int64)
+            q = lo.to(torch.float64) + self.pop(self._fibre_size(s, n, d))
         return q
 
     def __repr__(self) -> str:

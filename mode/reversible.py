@@ -377,6 +377,7 @@ def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, dev
 
 def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
     """Two wrapping int64 sums per tensor: enough to tell a drifted reconstruction."""
+    q = [x.to(torch.int64) for x in q]
     return tuple(int(v) for x in q for v in (x.sum(), (x * x).sum()))
 
 
@@ -567,7 +568,7 @@ def integrate(
         ``False``: plain autograd (stores activations). ``True``: store nothing, reconstruct
         in backward (memory independent of ``len(steps)``).
     exact : bool
-        Hold the state in int64 fixed point with ``frac_bits`` fractional bits and an
+        Hold the state in fixed point with ``frac_bits`` fractional bits and an
         information buffer: reconstruction is bit-exact. Requires ``reversible=True``.
     """
     steps = _check_steps(steps)

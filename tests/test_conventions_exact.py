@@ -72,9 +72,9 @@ def test_buffer_round_trip_through_many_layers_and_spills(gamma):
     assert buf.nbytes / (300 * 1500) < 32 / 8 / 4  # far below storing a float32 activation
 
 
-@pytest.mark.parametrize("gamma", [5 / 7, 0.9, 0.99, 7261 / 58814])
+@pytest.mark.parametrize("gamma", [5 / 7, 0.9, 0.99, 7261 / 58814, 0.001, 3 / 40000])
 def test_scale_is_exact_at_the_edge_of_the_state_range(gamma):
-    """Near |q| = 2^46, on the float64 path (n, d <= 64) and the int64 one (larger)."""
+    """Near |q| = 2^46, on the float64 path (n <= 64, any d) and the int64 one (larger n)."""
     sign, n, d = rational(gamma)
     edge = 2**STATE_BITS - 1
     q = torch.tensor([edge, -edge, edge - 12345, -(edge - 777), 2**40 + 3, -(2**33) - 1])
