@@ -88,8 +88,11 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _collect(obj: object, out: list, depth: int = 0) -> None:
-    """Tensors and large Python ints reachable from a ctx attribute (modules are skipped)."""
-    if depth > 4:
+    """Tensors and large Python ints reachable from a ctx attribute (modules are skipped).
+
+    Deep enough for mode's exact buffer: ctx -> chain -> buffer -> levels -> (idx, words).
+    """
+    if depth > 8:
         return
     if isinstance(obj, torch.Tensor):
         out.append(obj)
