@@ -42,13 +42,13 @@ __all__ = [
 
 DEFAULT_FRAC_BITS = 32
 MAX_DENOMINATOR = 2**16
-# |q| < 2**STATE_BITS keeps sums of a few states exact in float64, and q * n (n <=
-# MAX_DENOMINATOR) inside int64.
-STATE_BITS = 62 - 16
+# |q| < 2**STATE_BITS keeps sums of a few states exact in float64, and q * n exact for n <= 64.
+STATE_BITS = 46
 # floor(t / m) and ceil(t / m) are computed in float64 when |t| < 2**52 is guaranteed: t is then
 # exact, and the rounding error of t / m (below 1 / (2m)) cannot cross an integer, whose distance
 # from a non-integer t / m is at least 1 / m. Numerators n above this bound make q n too large
-# for that, and fall back to int64 division.
+# for that; q is then split as a d + b (a n + b when dividing by n) and the small part alone is
+# multiplied.
 _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 # A spill moves words that are at most this many bits (plus one digit) short of full: the next
@@ -259,11 +259,12 @@ class InformationBuffer:
                 t = q * n + c if n != 1 else q + c
                 out = torch.floor(t / d)
                 r = torch.add(t, out, alpha=-d)
-            else:
-                t = q.to(torch.int64) * n + c
-                whole = t // d
-                r = (t - whole * d).to(torch.float64)
-                out = whole.to(torch.float64)
+            else:  # q = a d + b: q n + c = a n d + (b n + c), and b n + c < 2^33
+                a = torch.floor(q / d)
+                t = torch.add(q, a, alpha=-d) * n + c
+                f = torch.floor(t / d)
+                r = torch.add(t, f, alpha=-d)
+                out = torch.add(f, a, alpha=n)
             if n == 1:  # the fibre of out is [out d - c, out d - c + d): position r, size d
                 self.push(r, d, d)
             else:
@@ -289,10 +290,12 @@ class InformationBuffer:
                 lo = torch.ceil(u / n)
                 s = torch.add(lo * n, u, alpha=-1)
                 return lo + self.pop(self._fibre_size(s, n, d))
-            u = q.to(torch.int64) * d - c
-            lo = -((-u) // n)
-            s = (lo * n - u).to(torch.float64)
-            q = lo.to(torch.float64) + self.pop(self._fibre_size(s, n, d))
+            # q' = a n + b: q' d - c = a n d + (b d - c), and |b d - c| < 2^32
+            a = torch.floor(q / n)
+            u = torch.add(q, a, alpha=-n) * d - c
+            low = torch.ceil(u / n)
+            s = torch.add(low * n, u, alpha=-1)
+            q = torch.add(low, a, alpha=d) + self.pop(self._fibre_size(s, n, d))
         return q
 
     def __repr__(self) -> str:
