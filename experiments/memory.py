@@ -224,6 +224,7 @@ def summary(results: dict) -> str:
             f" -> {mib('ResNet, autograd', -1)} MiB, checkpointing "
             f"{mib('ResNet, checkpoint per block', 0)} -> "
             f"{mib('ResNet, checkpoint per block', -1)} MiB, reversible float "
-            f"{mib('Momentum ResNet, reversible float', -1)} MiB and exact "
-            f"{mib('Momentum ResNet, reversible exact', -1)} MiB at every depth; "
-            f"time and gradient errors in the right panel.")
+            f"{mib('Momentum ResNet, reversible float', -1)} MiB at every depth, exact "
+            f"{mib('Momentum ResNet, reversible exact', 0)} -> "
+            f"{mib('Momentum ResNet, reversible exact', -1)} MiB (only its information buffer "
+            f"grows); time and gradient errors in the right panel.")
