@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 __all__ = [
     "OKABE_ITO",
@@ -268,3 +270,20 @@ def log_slope(x: Sequence[float], y: Sequence[float]) -> float:
     if keep.sum() < 2:
         return float("nan")
     return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
+
+
+def has_momentumnet() -> bool:
+    """Whether the public ``momentumnet`` package (a peer, installed with --no-deps) is present."""
+    return importlib.util.find_spec("momentumnet") is not None
+
+
+class MLPBlock(nn.Module):
+    """The residual function of the memory and reconstruction studies: ``W2 tanh(W1 x + b1) + b2``
+    (``d -> hidden -> d``)."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -17,8 +17,6 @@ compared with Momentum autograd at the same depth (relative error of all paramet
 
 from __future__ import annotations
 
-import importlib.util
-
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -28,9 +26,11 @@ from torch.utils.checkpoint import checkpoint
 import mode
 
 from .common import (
+    MLPBlock,
     Progress,
     SavedTensorMeter,
     color,
+    has_momentumnet,
     median_time,
     resolve_device,
     save_figure,
@@ -63,19 +63,6 @@ CONFIGS = {
     "full": {"features": 256, "hidden": 1024, "batch": 512,
              "depths": [8, 16, 32, 64, 128, 256, 512, 1024], "gamma": 0.9, "repeats": 5},
 }
-
-
-def has_momentumnet() -> bool:
-    return importlib.util.find_spec("momentumnet") is not None
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class ResNet(nn.Module):
@@ -125,7 +112,7 @@ def run(config: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else None
     results: dict = {"depths": config["depths"], "methods": {}}
     for depth in config["depths"]:
-        blocks = nn.ModuleList(Block(d, hidden) for _ in range(depth)).to(device)
+        blocks = nn.ModuleList(MLPBlock(d, hidden) for _ in range(depth)).to(device)
         params = list(blocks.parameters())
         x0 = torch.randn(batch, d, device=device)
         reference = None

@@ -11,7 +11,6 @@ compared with the input of that block in the forward pass.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 
@@ -22,7 +21,15 @@ from torch import nn
 
 import mode
 
-from .common import Progress, color, resolve_device, save_figure, seed_everything
+from .common import (
+    MLPBlock,
+    Progress,
+    color,
+    has_momentumnet,
+    resolve_device,
+    save_figure,
+    seed_everything,
+)
 
 TITLE = "input reconstruction error against depth: float, exact, momentumnet"
 FIGURES = ["reconstruction"]
@@ -46,15 +53,6 @@ CONFIGS = {
              "depths": [10, 30, 100, 300, 1000, 3000, 10000], "gammas": [0.3, 0.5, 0.9, 0.99],
              "momentumnet": True},
 }
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class Recorder(nn.Module):
@@ -96,13 +94,13 @@ def run(config: dict) -> dict:
     seed_everything(config["seed"])
     progress = Progress("reconstruction")
     d, hidden = config["features"], config["hidden"]
-    blocks = [Block(d, hidden).to(device) for _ in range(max(config["depths"]))]
+    blocks = [MLPBlock(d, hidden).to(device) for _ in range(max(config["depths"]))]
     x0 = torch.randn(config["batch"], d, device=device)
     # exact mode holds states on the grid 2^-F (F = frac_bits): the input enters it rounded to
     # nearest, and it is that input the exact inverse returns bit for bit
     fp = mode.exact.FixedPoint(mode.exact.DEFAULT_FRAC_BITS)
     x0_grid = fp.decode(fp.encode(x0, "x0"), x0.dtype)
-    use_mnet = config["momentumnet"] and importlib.util.find_spec("momentumnet") is not None
+    use_mnet = config["momentumnet"] and has_momentumnet()
     out: dict = {"depths": config["depths"], "gammas": config["gammas"], "float": {},
                  "exact": {}, "exact_vs_float_input": {}, "frac_bits": fp.frac_bits,
                  "input_rounding": relative_error(x0_grid, x0), "momentumnet": {},
