@@ -222,9 +222,11 @@ def run_isolated(args: list[str], device: str) -> tuple[dict | None, str]:
     """Run this script with ``args`` in a fresh interpreter: (its JSON answer, error line)."""
     cmd = [sys.executable, os.path.abspath(__file__), *args, "--device", device]
     env = dict(os.environ)
-    if device == "cpu":
+    if device == "cpu" and "--worker" in args:
         # a fixed mmap threshold returns freed temporaries to the OS at once, so that ru_maxrss
-        # tracks live memory rather than glibc's heap growth (same for every method)
+        # tracks live memory rather than glibc's heap growth (same for every method). Only for
+        # the memory measurement: it makes every large allocation a fresh mmap, which would
+        # distort the timings (several times slower, and unlike any user's setting).
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:

@@ -50,6 +50,9 @@ STATE_BITS = 46
 # for that; q is then split as a d + b (a n + b when dividing by n) and the small part alone is
 # multiplied.
 _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
+# Up to 52 fractional bits (range |value| < 2^(46 - 52) = 1/64): a slot of small values, such
+# as a velocity v = h u of a fine grid, can hold more digits than one of order one.
+MAX_FRAC_BITS = 52
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 # A spill moves words that are at most this many bits (plus one digit) short of full: the next
 # few pushes then need no overflow test, at the price of words stored a little below 52 bits.
@@ -79,6 +82,114 @@ def rational(alpha: float) -> tuple[int, int, int]:
     return (1 if alpha > 0 else -1), frac.numerator, frac.denominator
 
 
+def _is_power_of_two(k: int) -> bool:
+    return k > 0 and k & (k - 1) == 0
+
+
+class _Plan:
+    """How to compute ``floor((q n + c) / d)`` (and the start of a fibre) exactly in float64.
+
+    ``c = floor(d / 2)``. Every intermediate below is an integer of magnitude below ``2^52``
+    (``|q| < 2^STATE_BITS``), so it is exact, and a float quotient ``t / k`` of such an integer
+    by ``k`` floors correctly: its rounding error (below ``1 / (2k)``) cannot cross an integer,
+    whose distance from a non-integer ``t / k`` is at least ``1 / k``. Three forms, picked by
+    the smallest multiplier:
+
+    * ``m = d - n <= min(n, 64)`` (``gamma >= 1/2``): ``q' = q + floor((c - q m) / d)``;
+    * ``n <= 64``: ``q' = floor((q n + c) / d)``;
+    * otherwise ``q = a d + b`` is split and only ``b n + c < 2^33`` is multiplied.
+
+    Constants are 0-dim CPU tensors, so ``c + alpha * q`` is a single kernel on any device.
+    """
+
+    def __init__(self, n: int, d: int):
+        self.n, self.d, self.c = n, d, d // 2
+        self.m = d - n
+        if self.m <= min(n, _FLOAT_DIVISION_MAX):
+            self.form = "m"
+        elif n <= _FLOAT_DIVISION_MAX:
+            self.form = "n"
+        else:
+            self.form = "split"
+        self.c_t = torch.tensor(float(self.c), dtype=torch.float64)
+        # division by a power of two is a multiplication by its (exact) reciprocal
+        self.inv_d = 1.0 / d if _is_power_of_two(d) else None
+        self.inv_n = 1.0 / n if _is_power_of_two(n) else None
+
+    def _floor_div_d(self, t: torch.Tensor) -> torch.Tensor:
+        f = torch.mul(t, self.inv_d) if self.inv_d is not None else torch.div(t, self.d)
+        return f.floor_()
+
+    def _floor_div_n(self, t: torch.Tensor) -> torch.Tensor:
+        f = torch.mul(t, self.inv_n) if self.inv_n is not None else torch.div(t, self.n)
+        return f.floor_()
+
+    def divide(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q', r)`` with ``q n + c = q' d + r``, ``0 <= r < d`` (fresh tensors)."""
+        n, d = self.n, self.d
+        if self.form == "m":  # q n + c = q d + (c - q m)
+            t = torch.add(self.c_t, q, alpha=-self.m)
+            j = self._floor_div_d(t)
+            r = t.add_(j, alpha=-d)
+            return j.add_(q), r
+        if self.form == "n":
+            t = torch.add(self.c_t, q, alpha=n)
+            out = self._floor_div_d(t)
+            return out, t.add_(out, alpha=-d)
+        a = self._floor_div_d(q)  # q = a d + b: q n + c = a n d + (b n + c)
+        t = torch.add(q, a, alpha=-d).mul_(n).add_(self.c)
+        f = self._floor_div_d(t)
+        r = t.add_(f, alpha=-d)
+        return f.add_(a, alpha=n), r
+
+    def fibre_start(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, s)``: ``lo = ceil((q d - c) / n)`` and ``s = lo n - (q d - c)`` in ``[0, n)``."""
+        n, d = self.n, self.d
+        if self.form == "m":  # (q d - c) / n = q - (c - q m) / n
+            u = torch.add(self.c_t, q, alpha=-self.m)
+            f = self._floor_div_n(u)
+            s = u.add_(f, alpha=-n)
+            return f.neg_().add_(q), s
+        if self.form == "n":  # lo = -floor((c - q d) / n)
+            u = torch.add(self.c_t, q, alpha=-d)
+            f = self._floor_div_n(u)
+            s = u.add_(f, alpha=-n)
+            return f.neg_(), s
+        a = self._floor_div_n(q)  # q = a n + b: c - q d = -a n d + (c - b d), |c - b d| < 2^33
+        u = torch.add(q, a, alpha=-n).mul_(-d).add_(self.c)
+        f = self._floor_div_n(u)
+        s = u.add_(f, alpha=-n)
+        return f.neg_().add_(a, alpha=d), s
+
+
+@lru_cache(maxsize=1024)
+def _plan(n: int, d: int) -> _Plan:
+    return _Plan(n, d)
+
+
+def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre (``r`` is
+    overwritten).
+
+    ``r`` holds small integers (``0 <= r < d``) in float64, where these are exact. For
+    ``d < 2n`` (multipliers above 1/2) the position is ``[r >= n] = clamp(r - n + 1, 0, 1)``
+    and the size ``1 + [r mod n < d - n]``, written as clamps too (comparisons that yield
+    booleans cost several times more than float arithmetic).
+    """
+    if d < 2 * n:
+        position = torch.sub(r, n - 1).clamp_(0, 1)
+    else:
+        position = torch.div(r, n).floor_()
+    return position, _fibre_size(r.add_(position, alpha=-n), n, d)
+
+
+def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n`` (a fresh tensor)."""
+    if d < 2 * n:  # 1 + [s < d - n]
+        return torch.rsub(s, d - n + 1).clamp_(1, 2)
+    return torch.rsub(s, d + n - 1).div_(n).floor_()
+
+
 class FixedPoint:
     """Conversion between floats and fixed point with ``frac_bits`` fractional bits.
 
@@ -90,8 +201,8 @@ class FixedPoint:
     def __init__(self, frac_bits: int = DEFAULT_FRAC_BITS):
         if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
             raise TypeError(f"frac_bits must be an int, got {frac_bits!r}")
-        if not 8 <= frac_bits <= STATE_BITS - 4:
-            raise ValueError(f"frac_bits must lie in [8, {STATE_BITS - 4}], got {frac_bits}")
+        if not 8 <= frac_bits <= MAX_FRAC_BITS:
+            raise ValueError(f"frac_bits must lie in [8, {MAX_FRAC_BITS}], got {frac_bits}")
         self.frac_bits = frac_bits
         self.scale = float(2**frac_bits)
         self.limit = 2**STATE_BITS
@@ -119,14 +230,28 @@ class FixedPoint:
             raise self._overflow(what)
         return y.to(torch.float64)
 
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``round(x 2^F)`` as float64, unchecked: for terms added to a state that is checked.
+
+        A non-finite or huge ``x`` makes that state fail :meth:`check`; an ``x`` whose integer
+        is at most ``2^53`` is exact (float64 integers are exact up to there).
+        """
+        out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+        return torch.mul(x.detach(), self.scale, out=out).round_()  # 2^F x is exact in x's dtype
+
     def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``q 2^-F`` rounded once to ``dtype`` (the scaling by a power of two is exact)."""
-        return (q * (1.0 / self.scale)).to(dtype)
+        if dtype == torch.float64:
+            return q * (1.0 / self.scale)
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        return torch.mul(q, 1.0 / self.scale, out=out)  # computed in float64, rounded once
 
     def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
-        """``q`` itself, after checking ``|q| < 2^STATE_BITS``."""
+        """``q`` itself, after checking ``|q| < 2^STATE_BITS`` (NaN and infinity fail)."""
         low, high = torch.aminmax(q)
         if not (float(low) > -self.limit and float(high) < self.limit):
+            if not bool(torch.isfinite(q).all()):
+                raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
         return q
 
@@ -222,28 +347,6 @@ class InformationBuffer:
         stored = sum(i.numel() * i.element_size() + 8 * w.numel() for _, i, w in self.levels)
         return 8 * self.word.numel() + stored
 
-    @staticmethod
-    def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre.
-
-        ``r`` holds small integers (``0 <= r < d``) in float64, where these are exact. For
-        ``d < 2n`` (multipliers above 1/2) the position is ``[r >= n] = clamp(r - n + 1, 0, 1)``
-        and the size ``1 + [r mod n < d - n]``, written as clamps too (comparisons that yield
-        booleans cost several times more than float arithmetic).
-        """
-        if d < 2 * n:
-            position = torch.clamp(r - (n - 1), 0, 1)
-        else:
-            position = torch.floor(r / n)
-        return position, InformationBuffer._fibre_size(torch.add(r, position, alpha=-n), n, d)
-
-    @staticmethod
-    def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
-        """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n``."""
-        if d < 2 * n:  # 1 + [s < d - n]
-            return torch.clamp((d - n + 1) - s, 1, 2)
-        return torch.floor(((d + n - 1) - s) / n)
-
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """``q -> sign * round(q n / d)``, pushing the position of ``q`` in its fibre.
 
@@ -254,48 +357,29 @@ class InformationBuffer:
         """
         q = q.to(torch.float64)
         if n != d:
-            c = d // 2
-            if n <= _FLOAT_DIVISION_MAX:  # |q n + c| < 2^52: all of it exact in float64
-                t = q * n + c if n != 1 else q + c
-                out = torch.floor(t / d)
-                r = torch.add(t, out, alpha=-d)
-            else:  # q = a d + b: q n + c = a n d + (b n + c), and b n + c < 2^33
-                a = torch.floor(q / d)
-                t = torch.add(q, a, alpha=-d) * n + c
-                f = torch.floor(t / d)
-                r = torch.add(t, f, alpha=-d)
-                out = torch.add(f, a, alpha=n)
+            out, r = _plan(n, d).divide(q)
             if n == 1:  # the fibre of out is [out d - c, out d - c + d): position r, size d
                 self.push(r, d, d)
             else:
-                self.push(*self._fibre_of_remainder(r, n, d), -(-d // n))
+                position, size = _fibre_of_remainder(r, n, d)
+                self.push(position, size, -(-d // n))
             q = out
         return -q if sign < 0 else q
 
     def unscale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``.
 
-        The fibre of ``q'`` starts at ``lo = ceil(u / n)`` with ``u = q' d - c``; with
-        ``s = lo n - u`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
+        The fibre of ``q'`` starts at ``lo = ceil((q' d - c) / n)``; with
+        ``s = lo n - (q' d - c)`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
         """
         q = q.to(torch.float64)
         if sign < 0:
             q = -q
         if n != d:
-            c = d // 2
             if n == 1:  # |q' d| <= |q| + d: exact
-                return q * d - c + self.pop(d)
-            if n <= _FLOAT_DIVISION_MAX:  # |q' d| <= |q| n + d < 2^52: exact in float64
-                u = q * d - c
-                lo = torch.ceil(u / n)
-                s = torch.add(lo * n, u, alpha=-1)
-                return lo + self.pop(self._fibre_size(s, n, d))
-            # q' = a n + b: q' d - c = a n d + (b d - c), and |b d - c| < 2^32
-            a = torch.floor(q / n)
-            u = torch.add(q, a, alpha=-n) * d - c
-            low = torch.ceil(u / n)
-            s = torch.add(low * n, u, alpha=-1)
-            q = torch.add(low, a, alpha=d) + self.pop(self._fibre_size(s, n, d))
+                return torch.add(self.pop(d), q, alpha=d).sub_(d // 2)
+            lo, s = _plan(n, d).fibre_start(q)
+            return lo.add_(self.pop(_fibre_size(s, n, d)))
         return q
 
     def __repr__(self) -> str:

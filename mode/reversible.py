@@ -297,7 +297,7 @@ def _check_closure(step: ReversibleStep, out: torch.Tensor, known: list[torch.Te
 class _Chain:
     """Everything about one call that is not a tensor input of the autograd function."""
 
-    def __init__(self, steps, args, exact: FixedPoint | None, grad_index):
+    def __init__(self, steps, args, exact: tuple[FixedPoint, FixedPoint] | None, grad_index):
         self.steps = steps
         self.args = args
         self.exact = exact
@@ -354,20 +354,37 @@ def _forward_float(chain: _Chain, s: list[torch.Tensor], args: tuple, devices) -
     return s
 
 
+def _shift_term(q_o: torch.Tensor, shift: int, f_t: FixedPoint, f_o: FixedPoint):
+    """``shift * s[o]`` on the grid of the target slot: ``(exact multiple, alpha)`` or a
+    rounded tensor when the other slot holds more fractional bits (an additive term that is a
+    deterministic function of ``s[o]``, so still exactly invertible)."""
+    k = f_t.frac_bits - f_o.frac_bits
+    if k >= 0:
+        return None, shift * 2**k
+    return torch.mul(q_o, shift * 2.0**k).round_(), 1
+
+
 def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, devices) -> list:
-    fp, buf = chain.exact, chain.buffer
+    """The couplings on fixed-point integers (``q`` is overwritten: nothing else holds it)."""
+    fps, buf = chain.exact, chain.buffer
     rng = _RngRecorder(devices)
     for step in chain.steps:
+        changed = []
         for c in step.couplings():
             t, o = c.target, 1 - c.target
             new = buf.scale(q[t], *rational(_alpha_value(c.alpha)))
             if c.shift:
-                new = torch.add(new, q[o], alpha=c.shift)
+                term, alpha = _shift_term(q[o], c.shift, fps[t], fps[o])
+                new = torch.add(new, q[o] if term is None else term, alpha=alpha)
             if c.phi is not None:
-                other = fp.decode(q[o], dtype)
+                other = fps[o].decode(q[o], dtype)
                 p = _check_phi_output(c.phi(other, *args), other)
-                new = new + fp.encode(p, "phi(state)")
-            q[t] = fp.check(new)
+                # quantized unchecked: a huge or non-finite p makes the new state fail the check
+                new = torch.add(new, fps[t].quantize(p))
+            q[t] = new
+            changed.append(t)
+        for t in changed:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
+            fps[t].check(q[t])
         if step.swap:
             q = [q[1], q[0]]
         rng.step_done()
@@ -403,14 +420,14 @@ class _ReversibleFunction(torch.autograd.Function):
             out = [o.clone() if o is s0 or o is s1 else o for o in out]
             ctx.save_for_backward(*out)
         else:
-            fp = chain.exact
-            q = [fp.encode(s0, "s0"), fp.encode(s1, "s1")]
+            fps = chain.exact
+            q = [fps[0].encode(s0, "s0"), fps[1].encode(s1, "s1")]
             chain.checksum = _checksum(q)
             chain.buffer = InformationBuffer(s0.shape, s0.device)
             q = _forward_exact(chain, q, chain.args, dtype, devices)
             chain.final = q
             ctx.save_for_backward(*q)
-            out = [fp.decode(x, dtype) for x in q]
+            out = [fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)]
         ctx.chain, ctx.tensors, ctx.dtype, ctx.devices = chain, tensors, dtype, devices
         return out[0], out[1]
 
@@ -442,55 +459,81 @@ class _ReversibleFunction(torch.autograd.Function):
             if step.swap:
                 s, g = [s[1], s[0]], [g[1], g[0]]
             inputs = [tensors[j] for j in idx]
+            couple = _backward_coupling if exact is None else _backward_coupling_exact
             if rng is None and not _batchnorms(step):
                 for c in reversed(step.couplings()):
-                    _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
+                    couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
                 continue
             with _replay_rng(rng, devices), _frozen_batchnorm(step):
                 for c in reversed(step.couplings()):
-                    _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
+                    couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
         if exact is not None:
             _verify_reconstruction(chain, s)
         return (None, g[0], g[1], *grads)
 
 
 def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype):
-    """Reconstruct the target slot before coupling ``c`` and propagate gradients through it."""
+    """Reconstruct the target slot before coupling ``c`` and propagate gradients through it
+    (float mode)."""
     t, o = c.target, 1 - c.target
     a = _alpha_value(c.alpha)
     alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
     if c.phi is None and not alpha_grad:
         # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
         prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
-        if exact is None:
-            s[t] = prev / a if a != 1.0 else prev
-        else:
-            s[t] = buf.unscale(prev, *rational(a))
-        if c.shift:
-            g[o] = torch.add(g[o], g[t], alpha=c.shift)
-        if a != 1.0:
-            g[t] = a * g[t]
+        s[t] = prev / a if a != 1.0 else prev
+        _linear_grads(c, g, t, o, a)
         return
-
-    other = (s[o] if exact is None else exact.decode(s[o], dtype)).detach().requires_grad_(True)
+    other = s[o].detach().requires_grad_(True)
     with torch.enable_grad():
         p = c.phi(other, *args) if c.phi is not None else None
     if p is not None:
         _check_closure(step, p, [other, *inputs])
-    # reconstruct the slot before the coupling
-    if exact is None:
-        prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
-        if p is not None:
-            prev = prev - p.detach()
-        prev = prev / a if a != 1.0 else prev
-        s[t] = prev
-    else:
-        q = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
-        if p is not None:
-            q = q - exact.encode(p.detach(), "phi(state)")
+    prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
+    if p is not None:
+        prev = prev - p.detach()
+    prev = prev / a if a != 1.0 else prev
+    s[t] = prev
+    _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
+
+
+def _backward_coupling_exact(step, c, s, g, args, inputs, idx, grads, fps, buf, dtype):
+    """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
+    information buffer and is bit-identical to the forward state."""
+    t, o = c.target, 1 - c.target
+    a = _alpha_value(c.alpha)
+    alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
+    q = s[t]  # saved by the forward for the first step: never modified in place
+    if c.shift:
+        term, alpha = _shift_term(s[o], c.shift, fps[t], fps[o])
+        q = torch.sub(q, s[o] if term is None else term, alpha=alpha)
+    if c.phi is None and not alpha_grad:
         s[t] = buf.unscale(q, *rational(a))
-        prev = exact.decode(s[t], dtype)
-    # vector-Jacobian product: d/d(other, inputs) of <g_t, alpha prev + phi(other)>
+        _linear_grads(c, g, t, o, a)
+        return
+    other = fps[o].decode(s[o], dtype).requires_grad_(True)
+    p = None
+    if c.phi is not None:
+        with torch.enable_grad():
+            p = c.phi(other, *args)
+        _check_closure(step, p, [other, *inputs])
+        q = torch.sub(q, fps[t].quantize(p))
+    s[t] = buf.unscale(q, *rational(a))
+    prev = fps[t].decode(s[t], dtype) if alpha_grad else None
+    _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
+
+
+def _linear_grads(c, g, t, o, a) -> None:
+    """Gradients through ``s[t] <- a s[t] + shift s[o]`` (constant ``a``)."""
+    if c.shift:
+        g[o] = torch.add(g[o], g[t], alpha=c.shift)
+    if a != 1.0:
+        g[t] = a * g[t]
+
+
+def _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -> None:
+    """Vector-Jacobian product: d/d(other, inputs, alpha) of ``<g_t, alpha prev + phi(other)>``
+    (plus the linear shift term), accumulated into ``g`` and ``grads``."""
     gt = g[t]
     outputs, grad_outputs = [], []
     if p is not None:
@@ -544,6 +587,15 @@ def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> _Chain | None:
 # public entry points
 
 
+def _fixed_points(frac_bits: int | tuple[int, int]) -> tuple[FixedPoint, FixedPoint]:
+    if isinstance(frac_bits, tuple | list):
+        if len(frac_bits) != 2:
+            raise ValueError(f"frac_bits must be an int or a pair of ints, got {frac_bits!r}")
+        return FixedPoint(frac_bits[0]), FixedPoint(frac_bits[1])
+    fp = FixedPoint(frac_bits)
+    return fp, fp
+
+
 def integrate(
     steps: Sequence[ReversibleStep],
     state: State,
@@ -570,6 +622,10 @@ def integrate(
     exact : bool
         Hold the state in fixed point with ``frac_bits`` fractional bits and an
         information buffer: reconstruction is bit-exact. Requires ``reversible=True``.
+    frac_bits : int or (int, int)
+        Fractional bits of ``s0`` and ``s1`` (one int: both). A slot whose values are much
+        smaller than the other's (a velocity ``v = h u`` with a small step ``h``) keeps more
+        digits with more bits; a shift from it onto a slot with fewer bits is rounded there.
     """
     steps = _check_steps(steps)
     s0, s1 = _check_state(state)
@@ -588,7 +644,7 @@ def integrate(
         _check_invertible(steps)
     else:
         _warn_amplification(steps, s0.dtype)
-    fp = FixedPoint(frac_bits) if exact else None
+    fp = _fixed_points(frac_bits) if exact else None
     tensors, grad_index = _grad_tensors(steps, args)
     chain = _Chain(steps, args, fp, grad_index)
     out = _ReversibleFunction.apply(chain, s0, s1, *tensors)
@@ -623,7 +679,7 @@ def reverse(
             "exact inversion needs the information buffer of the exact forward that produced "
             "this state: pass the very tensors returned by the forward (not copies)"
         )
-    fp, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
+    fps, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
     q = list(chain.final)  # the decoded floats may hold fewer bits than the fixed point
     with torch.no_grad():
         for step in reversed(steps):
@@ -634,12 +690,14 @@ def reverse(
                     t, o = c.target, 1 - c.target
                     new = q[t]
                     if c.shift:
-                        new = new - c.shift * q[o]
+                        term, alpha = _shift_term(q[o], c.shift, fps[t], fps[o])
+                        new = torch.sub(new, q[o] if term is None else term, alpha=alpha)
                     if c.phi is not None:
-                        new = new - fp.encode(c.phi(fp.decode(q[o], dtype), *args))
+                        p = c.phi(fps[o].decode(q[o], dtype), *args)
+                        new = new - fps[t].quantize(p)
                     q[t] = buf.unscale(new, *rational(_alpha_value(c.alpha)))
     _verify_reconstruction(chain, q)
-    return fp.decode(q[0], dtype), fp.decode(q[1], dtype)
+    return fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)
 
 
 def trajectory(steps: Sequence[ReversibleStep], state: State, args: tuple = ()) -> list[State]:
