@@ -22,8 +22,9 @@ It needs ``h <= eps``; ``eps = 0`` gives ``gamma = 0``, forward Euler. Its gradi
 chosen by ``adjoint``: ``False`` is plain autograd, ``"reversible"`` backpropagates through the
 bit-exact fixed-point reconstruction of ``mode.reversible`` (no stored activations: memory
 independent of the number of steps; the reconstructed states are bit-identical to the forward
-ones, so the gradient is autograd's on that forward, which itself runs in fixed point with
-``frac_bits`` fractional bits and differs from the float forward by O(N^2 2^-frac_bits)) and
+ones, so the gradient is autograd's on that forward, which itself runs in fixed point:
+``frac_bits`` fractional bits for ``x`` and ``log2(1/h)`` more for ``v = h u``, see
+:func:`fixed_point_bits`; in float64 the gradients match autograd's to about 1e-11) and
 ``True`` through the float reconstruction (the same memory, gradients exact up to a rounding
 error amplified by about ``gamma^{-N}``, the analogue of an adjoint's approximate gradient).
 """
@@ -40,11 +41,17 @@ import torchdiffeq
 from torch import nn
 
 from .conventions import eps_to_gamma
+from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
 from .steps import Coupling, MomentumStep, ReversibleStep
 
 __all__ = ["odeint", "solve", "Field", "MethodInfo", "METHODS", "known_methods", "momentum_grid"]
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
+
+# Default fractional bits of x for adjoint="reversible" on float64 states: the gradients then
+# match float64 autograd on the same grid to about 1e-11 relative (benchmarks/bench_odeint.py),
+# for a range |x|, |u| < 2^(46 - 38) = 256. float32 states keep mode.exact.DEFAULT_FRAC_BITS.
+DEFAULT_FRAC_BITS_FLOAT64 = 38
 
 
 # ----------------------------------------------------------------------------- method registry
@@ -443,6 +450,22 @@ def _set_gammas(grid, chains, eps: float | torch.Tensor) -> None:
                 step.gamma = gammas[h]
 
 
+def fixed_point_bits(frac_bits: int | None, dtype: torch.dtype, h: float) -> tuple[int, int]:
+    """Fractional bits of ``(x, v)`` for ``adjoint="reversible"``.
+
+    ``x`` gets ``frac_bits`` (default :data:`DEFAULT_FRAC_BITS_FLOAT64` in float64, else
+    ``mode.exact.DEFAULT_FRAC_BITS``). The velocity slot holds ``v = h u``, about ``h`` times
+    smaller, so it gets ``floor(log2(1 / h))`` more bits: ``x`` and ``u`` then share the range
+    ``|.| < 2^(46 - frac_bits)`` and the relative precision, and the rounding errors of ``v``
+    no longer pile up in ``x`` over the ``eps / h`` steps they persist (each ``x`` update
+    rounds ``v`` to the grid of ``x`` once instead).
+    """
+    if frac_bits is None:
+        frac_bits = DEFAULT_FRAC_BITS_FLOAT64 if dtype == torch.float64 else DEFAULT_FRAC_BITS
+    extra = max(0, math.floor(math.log2(1.0 / h))) if h < 1 else 0
+    return frac_bits, min(frac_bits + extra, MAX_FRAC_BITS)
+
+
 def _integrate_momentum(
     field: Field, xs, us, t, eps, step_size, flags
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
@@ -455,6 +478,8 @@ def _integrate_momentum(
     x = xs[0] if single else _flatten(xs)
     u = us[0] if single else _flatten(us)
     h_ref = min(h for _, h, _ in grid)
+    if flags.get("exact"):
+        flags = dict(flags, frac_bits=fixed_point_bits(flags.get("frac_bits"), x.dtype, h_ref))
     v = h_ref * u
     out_x, out_u = [x], [u]
     for steps in chains:
@@ -578,16 +603,17 @@ def odeint(
         Tolerances of the adaptive torchdiffeq methods (fixed-grid methods ignore them).
     options : dict, optional
         Solver options, passed to torchdiffeq. The momentum method takes ``step_size`` and,
-        with ``adjoint="reversible"``, ``frac_bits`` (fractional bits of the fixed-point
-        state, default ``mode.exact.DEFAULT_FRAC_BITS``; range ``|x| < 2^(46 - frac_bits)``).
+        with ``adjoint="reversible"``, ``frac_bits`` (fractional bits of ``x`` in fixed
+        point: default 38 for float64 states, ``mode.exact.DEFAULT_FRAC_BITS`` = 32 otherwise;
+        ``x`` and ``u`` must stay below ``2^(46 - frac_bits)`` in magnitude, 256 and 16384).
     adjoint : False, True or "reversible"
         Gradient strategy. ``False``: autograd through the solver. ``True``: torchdiffeq's
         ``odeint_adjoint``; for ``"momentum"``, backprop through the float reconstruction of
         the reversible rule (memory independent of the steps, gradient exact up to rounding
         amplified by ``~gamma^{-N}``). ``"reversible"`` (``"momentum"`` only, ``eps > 0``):
         bit-exact fixed-point reconstruction, memory independent of the number of steps and
-        gradients of the fixed-point forward (within ``O(N^2 2^-frac_bits)`` of float
-        autograd on the same grid; raise ``options["frac_bits"]`` for more digits).
+        gradients of the fixed-point forward (float64: within about 1e-11 relative of float
+        autograd on the same grid; ``options["frac_bits"]`` trades range for digits).
     return_velocity : bool
         Also return ``u = x'`` at the output times (momentum: ``v_n / h``; ``eps = 0``:
         ``F(t_k, x(t_k))``, one extra evaluation per output time).
