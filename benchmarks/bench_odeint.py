@@ -142,8 +142,9 @@ def worker(method: str, n: int, device: str, repeats: int = 0) -> dict:
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(BATCH, D, generator=g).to(dev)
     cot = torch.randn(BATCH, D, generator=g).to(dev)
-    # warm-up on a tiny copy (batch 2, 16 steps): library initialisation is not counted
-    f_w, _, run_w = build(method, 16, torch.float32, dev)
+    # warm-up on a tiny copy (batch 2, the same N, so the same code paths and gamma):
+    # library initialisation and first-use allocations are not counted
+    f_w, _, run_w = build(method, n, torch.float32, dev)
     xw = x0[:2].clone().requires_grad_()
     torch.autograd.grad(run_w(xw).sum(), [xw, *f_w.parameters()])
     del f_w, run_w, xw
@@ -323,7 +324,7 @@ t in [0, 1], N steps of 1/N, u0 = 0.
 - NFE: evaluations of F in the forward and in the backward pass.
 - Peak memory: each (method, N) in a fresh interpreter; increase of the high-water mark
   (CPU: ru_maxrss) over a baseline after setup and a warm-up on a tiny copy (batch 2,
-  16 steps), float32, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed temporaries leave
+  same N), float32, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed temporaries leave
   the high-water mark.
 - Gradient error: float64, `||g - g_ref|| / ||g_ref||` over the gradients of x0 and all
   parameters, g_ref plain autograd on the same discretization (momentum autograd for

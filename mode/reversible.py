@@ -33,6 +33,7 @@ from .exact import DEFAULT_FRAC_BITS, FixedPoint, InformationBuffer, rational
 from .steps import (
     ReversibleStep,
     State,
+    StepGrid,
     _alpha_value,
     _check_phi_output,
     apply_step,
@@ -84,7 +85,11 @@ def _check_state(state: State) -> State:
     return s0, s1
 
 
-def _check_steps(steps: Sequence[ReversibleStep]) -> list[ReversibleStep]:
+def _check_steps(steps: Sequence[ReversibleStep]) -> Sequence[ReversibleStep]:
+    if isinstance(steps, StepGrid):  # one module at many times: keep it, do not expand it
+        if len(steps) == 0 or not isinstance(steps.step, ReversibleStep):
+            raise ValueError("a StepGrid needs a ReversibleStep and at least one time")
+        return steps
     steps = list(steps)
     if not steps:
         raise ValueError("steps must contain at least one step, got an empty sequence")
@@ -249,13 +254,15 @@ def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.
         return index[id(t)]
 
     arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    per_step = []
+    per_step, seen = [], {}
     for step in steps:
         own = [add(p) for p in _cached_parameters(step) if p.requires_grad]
         for c in step.couplings():
             if isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad:
                 own.append(add(c.alpha))
-        per_step.append(arg_idx + sorted(set(own) - set(arg_idx)))
+        own = arg_idx + sorted(set(own) - set(arg_idx))
+        # a step used many times (weight tying, a StepGrid) shares one index list
+        per_step.append(seen.setdefault((id(step), tuple(own)), own))
     return tensors, per_step
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from .conventions import eps_to_gamma
 from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
-from .steps import Coupling, MomentumStep, ReversibleStep
+from .steps import Coupling, MomentumStep, StepGrid
 
 __all__ = ["odeint", "solve", "Field", "MethodInfo", "METHODS", "known_methods", "momentum_grid"]
 
@@ -313,23 +313,29 @@ def momentum_grid(t: Sequence[float], step_size: float | None) -> list[tuple[flo
     return out
 
 
-class _ScaledField(nn.Module):
-    """``f_n(x) = h F(t_n, x)`` on the flat state (the residual function of one momentum layer)."""
+class _GridMomentumStep(MomentumStep):
+    """The momentum layer ``MomentumStep(h F(t_n, .), gamma)`` of an odeint grid, for every
+    ``t_n`` at once: :class:`~mode.steps.StepGrid` sets ``t_n`` before each use. ``field`` is
+    a submodule, so the engine finds its parameters and BatchNorms. The state is flat (a
+    tuple state is concatenated)."""
 
-    def __init__(self, field: Field, t_n: torch.Tensor, h: float, shapes):
-        super().__init__()
+    def __init__(self, field: Field, h: float, shapes, gamma: float | torch.Tensor = 1.0):
+        super().__init__(self._scaled_field, gamma)
         self.field = field
-        self.register_buffer("t_n", t_n, persistent=False)
         self.h = h
         self.shapes = shapes
+        self.__dict__["t_n"] = None  # set by the grid: a plain attribute, cheap to assign
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def set_time(self, t_n: torch.Tensor) -> None:
+        self.__dict__["t_n"] = t_n
+
+    def _scaled_field(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.shapes) == 1:
             return self.h * self.field(self.t_n, (x,))[0]
         return self.h * _flatten(self.field(self.t_n, _unflatten(x, self.shapes)))
 
 
-class _StretchedMomentumStep(MomentumStep):
+class _StretchedMomentumStep(_GridMomentumStep):
     """A momentum step of size ``h = rho h_ref`` on ``(x, w)``, ``w = h_ref u``:
 
         w <- gamma w + (1 - gamma) h_ref F(t_n, x),    x <- x + rho w,
@@ -339,8 +345,8 @@ class _StretchedMomentumStep(MomentumStep):
     state by more than 1 (which the exact fixed-point mode cannot invert).
     """
 
-    def __init__(self, function: Callable[..., torch.Tensor], gamma: float, rho: float):
-        super().__init__(function, gamma)
+    def __init__(self, field: Field, h_ref: float, shapes, rho: float):
+        super().__init__(field, h_ref, shapes)
         self.rho = rho
 
     def _stretch(self, w: torch.Tensor) -> torch.Tensor:
@@ -401,13 +407,14 @@ def _momentum_options(options: dict | None, adjoint) -> tuple[float | None, dict
 
 def momentum_steps(
     field: Field, t: torch.Tensor, step_size: float | None, shapes
-) -> tuple[list[tuple[float, float, int]], list[list[ReversibleStep]]]:
-    """The grid and the momentum layers ``MomentumStep(h F(t_n, .), gamma)`` of each interval.
+) -> tuple[list[tuple[float, float, int]], list[StepGrid]]:
+    """The grid and, per interval, its momentum layers ``MomentumStep(h F(t_n, .), gamma)``.
 
-    ``gamma`` is a placeholder (1.0) that :func:`_set_gammas` replaces at every call. When the
-    intervals have different sub-steps ``h_k``, the velocity is carried as ``h_ref u`` with
-    ``h_ref = min h_k`` and longer steps are :class:`_StretchedMomentumStep`. The chain is
-    cached on the field for the grid (building hundreds of modules per call is not free).
+    Each interval is a :class:`~mode.steps.StepGrid`: one step module at the interval's
+    times, so memory does not grow with the number of steps. ``gamma`` is a placeholder (1.0)
+    that :func:`_set_gammas` replaces at every call. When the intervals have different
+    sub-steps ``h_k``, the velocity is carried as ``h_ref u`` with ``h_ref = min h_k`` and
+    longer steps are :class:`_StretchedMomentumStep`. Cached on the field for the grid.
     """
     key = (tuple(t.tolist()), step_size, t.dtype, t.device, shapes)
     cache = field.__dict__.setdefault("_momentum_cache", {})
@@ -417,15 +424,12 @@ def momentum_steps(
     h_ref = min(h for _, h, _ in grid)
     chains = []
     for a, h, m in grid:
-        steps: list[ReversibleStep] = []
-        for j in range(m):
-            t_n = torch.tensor(a + j * h, dtype=t.dtype, device=t.device)
-            f_n = _ScaledField(field, t_n, h_ref, shapes)
-            if h == h_ref:
-                steps.append(MomentumStep(f_n, 1.0))
-            else:
-                steps.append(_StretchedMomentumStep(f_n, 1.0, h / h_ref))
-        chains.append(steps)
+        times = torch.tensor([a + j * h for j in range(m)], dtype=t.dtype, device=t.device)
+        if h == h_ref:
+            step = _GridMomentumStep(field, h_ref, shapes)
+        else:
+            step = _StretchedMomentumStep(field, h_ref, shapes, h / h_ref)
+        chains.append(StepGrid(step, times, step.set_time))
     if len(cache) >= 4:
         cache.pop(next(iter(cache)))
     cache[key] = (grid, chains)
@@ -442,12 +446,10 @@ def _set_gammas(grid, chains, eps: float | torch.Tensor) -> None:
             f"eps={eps_value} and h={hmax}. Pass options={{'step_size': h}} with h <= {eps_value}"
         )
     gammas: dict[float, float | torch.Tensor] = {}
-    for (_, h, _), steps in zip(grid, chains, strict=True):
+    for (_, h, _), chain in zip(grid, chains, strict=True):
         if h not in gammas:
             gammas[h] = 0.0 if eps_value == 0 else eps_to_gamma(eps, depth=1, horizon=h)
-        for step in steps:
-            if isinstance(step, MomentumStep):
-                step.gamma = gammas[h]
+        chain.step.gamma = gammas[h]
 
 
 def fixed_point_bits(frac_bits: int | None, dtype: torch.dtype, h: float) -> tuple[int, int]:

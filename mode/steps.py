@@ -38,6 +38,7 @@ __all__ = [
     "Coupling",
     "ReversibleStep",
     "MomentumStep",
+    "StepGrid",
     "coupling_update",
     "apply_step",
     "invert_step",
@@ -173,3 +174,37 @@ class MomentumStep(ReversibleStep):
         g = _alpha_value(self.gamma)
         learn = isinstance(self.gamma, torch.Tensor) and self.gamma.requires_grad
         return f"gamma={g:g}{' (learned)' if learn else ''}"
+
+
+class StepGrid(Sequence[ReversibleStep]):
+    """One step module applied at the times of a grid: a chain of ``len(times)`` steps that
+    costs one module, not one per step.
+
+    Item ``j`` calls ``set_time(times[j])`` and returns the module, so a time-dependent step
+    (``h F(t_n, x)`` of an ODE solver) is ready for use. The engine uses each item before it
+    takes the next, in forward and in reverse order; do not hold two items at once.
+
+    Parameters
+    ----------
+    step : ReversibleStep
+        The shared step (its parameters, BatchNorms and caches are the chain's).
+    times : 1-D tensor
+        One time per step.
+    set_time : callable
+        ``set_time(t_j)`` makes ``step`` the step at time ``t_j`` (a 0-dim tensor).
+    """
+
+    def __init__(self, step: ReversibleStep, times: torch.Tensor, set_time: Callable):
+        self.step, self.times, self.set_time = step, times, set_time
+
+    def __len__(self) -> int:
+        return self.times.shape[0]
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            raise TypeError("a StepGrid is indexed by integers only")
+        self.set_time(self.times.select(0, j))
+        return self.step
+
+    def __repr__(self) -> str:
+        return f"StepGrid({self.step!r}, {len(self)} times)"
