@@ -148,8 +148,8 @@ class _Plan:
         if self.form == "m":  # (q d - c) / n = q - (c - q m) / n
             u = torch.add(self.c_t, q, alpha=-self.m)
             f = self._floor_div_n(u)
-            s = u.add_(f, alpha=-n)
-            return f.neg_().add_(q), s
+            lo = torch.sub(q, f)
+            return lo, u.add_(f, alpha=-n)
         if self.form == "n":  # lo = -floor((c - q d) / n)
             u = torch.add(self.c_t, q, alpha=-d)
             f = self._floor_div_n(u)
@@ -300,10 +300,11 @@ class InformationBuffer:
         k = k.reshape(-1)
         if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
             self._spill(max_base)
+        # in place: the open words belong to this buffer alone (readers hold clones)
         if isinstance(b, int):
-            self.word = torch.add(k, self.word, alpha=b)
+            torch.add(k, self.word, alpha=b, out=self.word)
         else:
-            self.word = torch.addcmul(k, self.word, b.reshape(-1).to(torch.float64))
+            torch.addcmul(k, self.word, b.reshape(-1).to(torch.float64), out=self.word)
         self.pushes += 1
         self._bound = self._bound * max_base + max_base - 1
 

@@ -25,12 +25,14 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .exact import DEFAULT_FRAC_BITS, FixedPoint, InformationBuffer, rational
 from .steps import (
+    Coupling,
     ReversibleStep,
     State,
     StepGrid,
@@ -322,12 +324,8 @@ def _rng_signature(state: tuple) -> tuple:
     cached normal sample; the first words of the Mersenne-twister array change at every
     regeneration. The 16-byte CUDA states are taken whole.
     """
-    cpu = state[0]
-    return (
-        bytes(cpu[:64].numpy()),
-        bytes(cpu[-64:].numpy()),
-        *(bytes(c.numpy()) for c in state[1]),
-    )
+    cpu = state[0].numpy()
+    return (cpu[:64].tobytes(), cpu[-64:].tobytes(), *(c.numpy().tobytes() for c in state[1]))
 
 
 class _RngRecorder:
@@ -361,37 +359,67 @@ def _forward_float(chain: _Chain, s: list[torch.Tensor], args: tuple, devices) -
     return s
 
 
-def _shift_term(q_o: torch.Tensor, shift: int, f_t: FixedPoint, f_o: FixedPoint):
-    """``shift * s[o]`` on the grid of the target slot: ``(exact multiple, alpha)`` or a
-    rounded tensor when the other slot holds more fractional bits (an additive term that is a
-    deterministic function of ``s[o]``, so still exactly invertible)."""
-    k = f_t.frac_bits - f_o.frac_bits
-    if k >= 0:
-        return None, shift * 2**k
-    return torch.mul(q_o, shift * 2.0**k).round_(), 1
+class _ExactCoupling(NamedTuple):
+    """A coupling with what exact mode needs precomputed once per call (not once per step)."""
+
+    c: Coupling
+    t: int
+    o: int
+    mult: tuple[int, int, int] | None  # alpha = sign n / d; None when alpha = 1
+    a: float
+    alpha_grad: bool
+    shift: float  # exact multiple of q[o] added to q[t] (0: none)
+    shift_rounded: float  # multiple of q[o] rounded onto the grid of q[t] (0: none)
+
+
+def _exact_couplings(step: ReversibleStep, fps, cache: dict) -> list[_ExactCoupling]:
+    """``step.couplings()`` compiled for fixed point (cached in ``cache`` for one call).
+
+    A shift from a slot with ``k`` more fractional bits than the target is rounded onto the
+    target's grid: an additive term that is a deterministic function of ``s[o]``, so the
+    coupling stays exactly invertible."""
+    out = cache.get(id(step))
+    if out is None:
+        out = []
+        for c in step.couplings():
+            t, o = c.target, 1 - c.target
+            a = _alpha_value(c.alpha)
+            shift = rounded = 0.0
+            if c.shift:
+                k = fps[t].frac_bits - fps[o].frac_bits
+                if k >= 0:
+                    shift = c.shift * 2**k
+                else:
+                    rounded = c.shift * 2.0**k
+            alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
+            mult = None if a == 1.0 else rational(a)
+            out.append(_ExactCoupling(c, t, o, mult, a, alpha_grad, shift, rounded))
+        cache[id(step)] = out
+    return out
 
 
 def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, devices) -> list:
     """The couplings on fixed-point integers (``q`` is overwritten: nothing else holds it)."""
     fps, buf = chain.exact, chain.buffer
     rng = _RngRecorder(devices)
+    compiled: dict = {}
     for step in chain.steps:
-        changed = []
-        for c in step.couplings():
-            t, o = c.target, 1 - c.target
-            new = buf.scale(q[t], *rational(_alpha_value(c.alpha)))
-            if c.shift:
-                term, alpha = _shift_term(q[o], c.shift, fps[t], fps[o])
-                new = torch.add(new, q[o] if term is None else term, alpha=alpha)
-            if c.phi is not None:
+        couplings = _exact_couplings(step, fps, compiled)
+        for e in couplings:
+            t, o = e.t, e.o
+            new = buf.scale(q[t], *e.mult) if e.mult is not None else q[t]
+            if e.shift:
+                new = torch.add(new, q[o], alpha=e.shift)
+            elif e.shift_rounded:
+                new = torch.add(new, torch.mul(q[o], e.shift_rounded).round_())
+            if e.c.phi is not None:
                 other = fps[o].decode(q[o], dtype)
-                p = _check_phi_output(c.phi(other, *args), other)
+                p = _check_phi_output(e.c.phi(other, *args), other)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
                 new = torch.add(new, fps[t].quantize(p))
             q[t] = new
-            changed.append(t)
-        for t in changed:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
-            fps[t].check(q[t])
+        for e in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
+            fps[e.t].check(q[e.t])
         if step.swap:
             q = [q[1], q[0]]
         rng.step_done()
@@ -461,18 +489,23 @@ class _ReversibleFunction(torch.autograd.Function):
         args = tuple(args)
         tensors = [leaves.get(id(t), t) for t in ctx.tensors]
         grads: list[torch.Tensor | None] = [None] * len(tensors)
+        compiled: dict = {}
         for i in range(len(chain.steps) - 1, -1, -1):
             step, rng, idx = chain.steps[i], chain.rng[i], chain.grad_index[i]
             if step.swap:
                 s, g = [s[1], s[0]], [g[1], g[0]]
             inputs = [tensors[j] for j in idx]
-            couple = _backward_coupling if exact is None else _backward_coupling_exact
+            if exact is None:
+                couple, couplings = _backward_coupling, step.couplings()
+            else:
+                couple = _backward_coupling_exact
+                couplings = _exact_couplings(step, exact, compiled)
             if rng is None and not _batchnorms(step):
-                for c in reversed(step.couplings()):
+                for c in reversed(couplings):
                     couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
                 continue
             with _replay_rng(rng, devices), _frozen_batchnorm(step):
-                for c in reversed(step.couplings()):
+                for c in reversed(couplings):
                     couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
         if exact is not None:
             _verify_reconstruction(chain, s)
@@ -504,19 +537,18 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
     _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
 
 
-def _backward_coupling_exact(step, c, s, g, args, inputs, idx, grads, fps, buf, dtype):
-    """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
-    information buffer and is bit-identical to the forward state."""
-    t, o = c.target, 1 - c.target
-    a = _alpha_value(c.alpha)
-    alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
+def _backward_coupling_exact(step, e, s, g, args, inputs, idx, grads, fps, buf, dtype):
+    """As :func:`_backward_coupling` on fixed-point integers (``e`` a compiled coupling): the
+    reconstruction pops the information buffer and is bit-identical to the forward state."""
+    t, o, c = e.t, e.o, e.c
     q = s[t]  # saved by the forward for the first step: never modified in place
-    if c.shift:
-        term, alpha = _shift_term(s[o], c.shift, fps[t], fps[o])
-        q = torch.sub(q, s[o] if term is None else term, alpha=alpha)
-    if c.phi is None and not alpha_grad:
-        s[t] = buf.unscale(q, *rational(a))
-        _linear_grads(c, g, t, o, a)
+    if e.shift:
+        q = torch.sub(q, s[o], alpha=e.shift)
+    elif e.shift_rounded:
+        q = torch.sub(q, torch.mul(s[o], e.shift_rounded).round_())
+    if c.phi is None and not e.alpha_grad:
+        s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
+        _linear_grads(c, g, t, o, e.a)
         return
     other = fps[o].decode(s[o], dtype).requires_grad_(True)
     p = None
@@ -525,9 +557,9 @@ def _backward_coupling_exact(step, c, s, g, args, inputs, idx, grads, fps, buf, 
             p = c.phi(other, *args)
         _check_closure(step, p, [other, *inputs])
         q = torch.sub(q, fps[t].quantize(p))
-    s[t] = buf.unscale(q, *rational(a))
-    prev = fps[t].decode(s[t], dtype) if alpha_grad else None
-    _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
+    s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
+    prev = fps[t].decode(s[t], dtype) if e.alpha_grad else None
+    _vjp(c, g, t, o, e.a, p, prev, other, inputs, idx, grads, e.alpha_grad)
 
 
 def _linear_grads(c, g, t, o, a) -> None:
@@ -688,21 +720,23 @@ def reverse(
         )
     fps, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
     q = list(chain.final)  # the decoded floats may hold fewer bits than the fixed point
+    compiled: dict = {}
     with torch.no_grad():
         for step in reversed(steps):
             if step.swap:
                 q = [q[1], q[0]]
             with _frozen_batchnorm(step):
-                for c in reversed(step.couplings()):
-                    t, o = c.target, 1 - c.target
+                for e in reversed(_exact_couplings(step, fps, compiled)):
+                    t, o = e.t, e.o
                     new = q[t]
-                    if c.shift:
-                        term, alpha = _shift_term(q[o], c.shift, fps[t], fps[o])
-                        new = torch.sub(new, q[o] if term is None else term, alpha=alpha)
-                    if c.phi is not None:
-                        p = c.phi(fps[o].decode(q[o], dtype), *args)
+                    if e.shift:
+                        new = torch.sub(new, q[o], alpha=e.shift)
+                    elif e.shift_rounded:
+                        new = torch.sub(new, torch.mul(q[o], e.shift_rounded).round_())
+                    if e.c.phi is not None:
+                        p = e.c.phi(fps[o].decode(q[o], dtype), *args)
                         new = new - fps[t].quantize(p)
-                    q[t] = buf.unscale(new, *rational(_alpha_value(c.alpha)))
+                    q[t] = buf.unscale(new, *e.mult) if e.mult is not None else new
     _verify_reconstruction(chain, q)
     return fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)
 

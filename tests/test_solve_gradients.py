@@ -119,7 +119,7 @@ def test_momentum_exact_reversible_default_precision_float64(n_steps):
     assert _rel(rev, ref) < 1e-9  # every gradient on its own, eps included
     assert mode_solve.fixed_point_bits(None, torch.float64, 1.0 / n_steps) == (
         38, 38 + int(math.log2(n_steps)))
-    assert mode_solve.fixed_point_bits(None, torch.float32, 0.5) == (32, 33)
+    assert mode_solve.fixed_point_bits(None, torch.float32, 1 / 64) == (32, 32)
 
 
 def test_momentum_reversible_with_output_grid_and_rescale():
