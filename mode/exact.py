@@ -231,13 +231,16 @@ class FixedPoint:
         return y.to(torch.float64)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """``round(x 2^F)`` as float64, unchecked: for terms added to a state that is checked.
+        """``round(x 2^F)``, unchecked: for terms added to a state that is checked.
 
-        A non-finite or huge ``x`` makes that state fail :meth:`check`; an ``x`` whose integer
-        is at most ``2^53`` is exact (float64 integers are exact up to there).
+        Integer-valued, in ``x``'s own dtype when that is float32 or float64 (scaling by a
+        power of two and rounding are exact there, and adding it to a float64 state promotes
+        exactly); float64 otherwise. A non-finite or huge ``x`` makes that state fail
+        :meth:`check`.
         """
-        out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
-        return torch.mul(x.detach(), self.scale, out=out).round_()  # 2^F x is exact in x's dtype
+        if x.dtype == torch.float32 or x.dtype == torch.float64:
+            return torch.mul(x.detach(), self.scale).round_()
+        return x.detach().to(torch.float64).mul_(self.scale).round_()
 
     def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``q 2^-F`` rounded once to ``dtype`` (the scaling by a power of two is exact)."""
@@ -278,7 +281,7 @@ class InformationBuffer:
     def __init__(self, shape: torch.Size, device: torch.device | str = "cpu"):
         self.shape = torch.Size(shape)
         n = self.shape.numel()
-        self.word = torch.ones(n, dtype=torch.float64, device=device)
+        self.word = torch.ones(self.shape, dtype=torch.float64, device=device)
         self.pushes = 0  # digits pushed so far, per scalar
         self.levels: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (pushes, idx, words)
         self._index_dtype = torch.int32 if n < 2**31 else torch.int64
@@ -290,21 +293,22 @@ class InformationBuffer:
         if self._bound * max_base < _WORD_LIMIT:
             return
         threshold = max(_WORD_LIMIT // (max_base << SPILL_MARGIN_BITS), 2)
-        idx = (self.word >= threshold).nonzero().squeeze(1)
-        self.levels.append((self.pushes, idx.to(self._index_dtype), self.word[idx]))
-        self.word.index_fill_(0, idx, 1.0)
+        flat = self.word.view(-1)
+        idx = (flat >= threshold).nonzero().squeeze(1)
+        self.levels.append((self.pushes, idx.to(self._index_dtype), flat[idx]))
+        flat.index_fill_(0, idx, 1.0)
         self._bound = int(self.word.max())
 
     def push(self, k: torch.Tensor, b: torch.Tensor | int, max_base: int) -> None:
-        """Push digits ``k`` (``0 <= k < b <= max_base``, the state's shape) in bases ``b``."""
-        k = k.reshape(-1)
+        """Push digits ``k`` (``0 <= k < b <= max_base``; float64, the state's shape) in
+        bases ``b`` (an int, or float64 of the state's shape)."""
         if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
             self._spill(max_base)
         # in place: the open words belong to this buffer alone (readers hold clones)
         if isinstance(b, int):
             torch.add(k, self.word, alpha=b, out=self.word)
         else:
-            torch.addcmul(k, self.word, b.reshape(-1).to(torch.float64), out=self.word)
+            torch.addcmul(k, self.word, b, out=self.word)
         self.pushes += 1
         self._bound = self._bound * max_base + max_base - 1
 
@@ -312,18 +316,17 @@ class InformationBuffer:
         """Pop the digits pushed last in bases ``b``; returned as integer-valued float64."""
         if self.pushes == 0:
             raise RuntimeError("pop from an empty InformationBuffer")
-        if not isinstance(b, int):
-            b = b.reshape(-1).to(torch.float64)
-        quotient = torch.floor(self.word / b)  # exact: words are integers below 2^52
-        k = torch.addcmul(self.word, quotient, b, value=-1) if not isinstance(b, int) else (
-            torch.add(self.word, quotient, alpha=-b)
-        )
+        quotient = torch.div(self.word, b).floor_()  # exact: words are integers below 2^52
+        if isinstance(b, int):
+            k = torch.add(self.word, quotient, alpha=-b)
+        else:
+            k = torch.addcmul(self.word, quotient, b, value=-1)
         self.word = quotient
         self.pushes -= 1
         if self.levels and self.levels[-1][0] == self.pushes:
             _, idx, words = self.levels.pop()
-            self.word.index_copy_(0, idx.to(torch.int64), words)
-        return k.reshape(self.shape)
+            self.word.view(-1).index_copy_(0, idx.to(torch.int64), words)
+        return k
 
     def reader(self) -> InformationBuffer:
         """A cursor on the same digits: popping from it leaves this buffer intact."""
