@@ -586,10 +586,26 @@ def _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -> None:
         g[o] = torch.add(g[o], gt, alpha=c.shift)
     if vjp[0] is not None:
         g[o] = g[o] + vjp[0]
-    for j, v in zip(idx, vjp[1:]):
-        if v is not None:
-            grads[j] = v if grads[j] is None else grads[j] + v
+    _accumulate(grads, idx, vjp[1:])
     g[t] = a * gt if a != 1.0 else gt
+
+
+def _accumulate(grads: list, idx: list[int], new: Sequence[torch.Tensor | None]) -> None:
+    """``grads[j] += new_k`` for ``j = idx[k]`` (``None``: no gradient), the additions of
+    tensors already seen in one foreach call (the same parameters come back every step)."""
+    add_to, add = [], []
+    for j, v in zip(idx, new):
+        if v is None:
+            continue
+        if grads[j] is None:
+            grads[j] = v
+        else:
+            add_to.append(j)
+            add.append(v)
+    if add_to:
+        sums = torch._foreach_add([grads[j] for j in add_to], add)
+        for j, total in zip(add_to, sums):
+            grads[j] = total
 
 
 # --------------------------------------------------------------------------------------------

@@ -337,10 +337,18 @@ class _GridMomentumStep(MomentumStep):
     def set_time(self, t_n: torch.Tensor) -> None:
         self.__dict__["t_n"] = t_n
 
-    def _scaled_field(self, x: torch.Tensor) -> torch.Tensor:
+    def _field(self, x: torch.Tensor) -> torch.Tensor:
+        """``F(t_n, x)`` on the flat state (the Field checks its shapes)."""
         if len(self.shapes) == 1:
-            return self.h * self._call_field(self.t_n, (x,))[0]
-        return self.h * _flatten(self._call_field(self.t_n, _unflatten(x, self.shapes)))
+            return self._call_field(self.t_n, (x,))[0]
+        return _flatten(self._call_field(self.t_n, _unflatten(x, self.shapes)))
+
+    def _scaled_field(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h * self._field(x)
+
+    def _increment(self, x: torch.Tensor) -> torch.Tensor:
+        """``(1 - gamma) f_n(x) = ((1 - gamma) h) F(t_n, x)``: one multiplication, not two."""
+        return ((1 - self.gamma) * self.h) * self._field(x)
 
 
 class _StretchedMomentumStep(_GridMomentumStep):
