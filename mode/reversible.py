@@ -101,10 +101,17 @@ def _check_steps(steps: Sequence[ReversibleStep]) -> Sequence[ReversibleStep]:
     return steps
 
 
+def _runs(steps: Sequence[ReversibleStep]) -> list[tuple[ReversibleStep, int]]:
+    """``(step, repeats)``: a StepGrid is one module ``len(grid)`` times, a list is itself."""
+    if isinstance(steps, StepGrid):
+        return [(steps.step, len(steps))]
+    return [(step, 1) for step in steps]
+
+
 def _log_amplification(steps: Sequence[ReversibleStep]) -> float:
     """``-sum log |alpha|`` over the chain; raises if some ``alpha = 0`` (not invertible)."""
     log = 0.0
-    for i, step in enumerate(steps):
+    for i, (step, repeats) in enumerate(_runs(steps)):
         for c in step.couplings():
             a = abs(_alpha_value(c.alpha))
             if a == 0.0:
@@ -113,7 +120,7 @@ def _log_amplification(steps: Sequence[ReversibleStep]) -> float:
                     f"momentum step this is gamma = 0, a plain ResNet); use reversible=False"
                 )
             if a != 1.0:
-                log -= math.log(a)
+                log -= repeats * math.log(a)
     return log
 
 
@@ -257,14 +264,14 @@ def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.
 
     arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     per_step, seen = [], {}
-    for step in steps:
+    for step, repeats in _runs(steps):
         own = [add(p) for p in _cached_parameters(step) if p.requires_grad]
         for c in step.couplings():
             if isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad:
                 own.append(add(c.alpha))
         own = arg_idx + sorted(set(own) - set(arg_idx))
         # a step used many times (weight tying, a StepGrid) shares one index list
-        per_step.append(seen.setdefault((id(step), tuple(own)), own))
+        per_step.extend([seen.setdefault((id(step), tuple(own)), own)] * repeats)
     return tensors, per_step
 
 
