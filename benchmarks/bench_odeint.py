@@ -21,9 +21,11 @@ Measured per (method, N), each in a fresh interpreter:
   methods of one N are timed in one process, interleaved round by round, so that load from
   other processes on a shared machine hits them alike;
 - NFE: evaluations of ``F`` in the forward and in the backward pass;
-- peak memory: on CPU the increase of ``getrusage(RUSAGE_SELF).ru_maxrss`` over a baseline
-  taken after building the model and inputs; on CUDA ``torch.cuda.max_memory_allocated``
-  minus the allocation before the run (float32);
+- peak memory: of a second forward + backward (the first, at full size, is a warm-up: the
+  steady state of a training loop); on CPU the increase of the RSS high-water mark
+  (``VmHWM``, reset before the pass, see ``_measure.py``) over the RSS before it, with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed temporaries leave resident memory; on CUDA
+  ``torch.cuda.max_memory_allocated`` minus the allocation before the pass (float32);
 - gradient error: ``||g - g_ref|| / ||g_ref||`` in float64, ``g_ref`` the plain-autograd
   gradient of the same discretization (momentum autograd for the momentum rows, torchdiffeq
   ``odeint`` for the adjoint rows); for ``momentum rev`` also with ``frac_bits=40``.
@@ -42,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mode  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _measure as M  # noqa: E402
 
 EPS = 0.1
 D, HIDDEN, BATCH = 64, 128, 256
@@ -130,10 +134,6 @@ def rel_error(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
 def worker(method: str, n: int, device: str, repeats: int = 0) -> dict:
     """One (method, N) in this fresh interpreter: peak memory, NFE, gradient error."""
     torch.set_num_threads(1)
@@ -142,15 +142,13 @@ def worker(method: str, n: int, device: str, repeats: int = 0) -> dict:
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(BATCH, D, generator=g).to(dev)
     cot = torch.randn(BATCH, D, generator=g).to(dev)
-    # warm-up on a tiny copy (batch 2, the same N, so the same code paths and gamma):
-    # library initialisation and first-use allocations are not counted
-    f_w, _, run_w = build(method, n, torch.float32, dev)
-    xw = x0[:2].clone().requires_grad_()
-    torch.autograd.grad(run_w(xw).sum(), [xw, *f_w.parameters()])
-    del f_w, run_w, xw
     field, _, run = build(method, n, torch.float32, dev)
     x0.requires_grad_()
     params = list(field.parameters())
+    # warm-up: one full forward + backward, so that library initialisation, code paths used
+    # for the first time (their pages count as resident memory) and the allocator's first
+    # growth are not counted: the measured pass is the steady state of a training loop
+    torch.autograd.grad((run(x0) * cot).sum(), [x0, *params])
 
     # peak memory of one forward + backward
     if dev.type == "cuda":
@@ -158,7 +156,8 @@ def worker(method: str, n: int, device: str, repeats: int = 0) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
-        base = peak_rss_bytes()
+        M.reset_peak_rss()  # VmHWM back to the current RSS: the warm-up's peak is forgotten
+        base = M.peak_rss_bytes()
     field.nfe = 0
     out = run(x0)
     nfe_forward = field.nfe
@@ -168,7 +167,7 @@ def worker(method: str, n: int, device: str, repeats: int = 0) -> dict:
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
-        peak = peak_rss_bytes() - base
+        peak = M.peak_rss_bytes() - base
     del out
 
     # gradient error in float64 against autograd on the same discretization
@@ -224,7 +223,7 @@ def run_isolated(args: list[str], device: str) -> tuple[dict | None, str]:
     cmd = [sys.executable, os.path.abspath(__file__), *args, "--device", device]
     env = dict(os.environ)
     if device == "cpu" and "--worker" in args:
-        # a fixed mmap threshold returns freed temporaries to the OS at once, so that ru_maxrss
+        # a fixed mmap threshold returns freed temporaries to the OS at once, so that the RSS
         # tracks live memory rather than glibc's heap growth (same for every method). Only for
         # the memory measurement: it makes every large allocation a fresh mmap, which would
         # distort the timings (several times slower, and unlike any user's setting).
@@ -322,10 +321,10 @@ t in [0, 1], N steps of 1/N, u0 = 0.
 - Time: forward + backward, float32, median of {repeats} rounds; all methods of one N are
   timed in one process, interleaved round by round.
 - NFE: evaluations of F in the forward and in the backward pass.
-- Peak memory: each (method, N) in a fresh interpreter; increase of the high-water mark
-  (CPU: ru_maxrss) over a baseline after setup and a warm-up on a tiny copy (batch 2,
-  same N), float32, with `MALLOC_MMAP_THRESHOLD_=65536` so that freed temporaries leave
-  the high-water mark.
+- Peak memory: each (method, N) in a fresh interpreter, float32; of a second forward +
+  backward after a full-size warm-up (the steady state of a training loop): increase of the
+  RSS high-water mark (CPU: `VmHWM`, reset before the pass) over the RSS before it, with
+  `MALLOC_MMAP_THRESHOLD_=65536` so that freed temporaries leave resident memory.
 - Gradient error: float64, `||g - g_ref|| / ||g_ref||` over the gradients of x0 and all
   parameters, g_ref plain autograd on the same discretization (momentum autograd for
   `momentum rev`, torchdiffeq `odeint` with the same method for the adjoints).
