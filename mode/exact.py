@@ -184,10 +184,13 @@ def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, 
 
 
 def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
-    """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n`` (a fresh tensor)."""
-    if d < 2 * n:  # 1 + [s < d - n]
-        return torch.rsub(s, d - n + 1).clamp_(1, 2)
-    return torch.rsub(s, d + n - 1).div_(n).floor_()
+    """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n`` (a fresh tensor).
+
+    With ``k = floor(d / n)`` (``n >= 2`` does not divide ``d``: the fraction is reduced)
+    this is ``k + [s < d - k n] = clamp(d - k n + k - s, k, k + 1)``.
+    """
+    k = d // n
+    return torch.rsub(s, d - k * n + k).clamp_(k, k + 1)
 
 
 class FixedPoint:
