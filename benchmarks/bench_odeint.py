@@ -17,9 +17,10 @@ Methods (``N`` steps each):
 
 Measured per (method, N), each in a fresh interpreter:
 
-- time: forward + backward, median of ``--repeats`` rounds after one warm-up (float32); the
-  methods of one N are timed in one process, interleaved round by round, so that load from
-  other processes on a shared machine hits them alike;
+- time: forward + backward, median of ``--repeats`` rounds (default 11) after one warm-up
+  (float32); the methods of one N are timed in one process, interleaved round by round, so
+  that load from other processes on a shared machine hits them alike; the ratio to the euler
+  adjoint is the median of the per-round ratios;
 - NFE: evaluations of ``F`` in the forward and in the backward pass;
 - peak memory: of a second forward + backward (the first, at full size, is a warm-up: the
   steady state of a training loop); on CPU the increase of the RSS high-water mark
@@ -234,6 +235,14 @@ def run_isolated(args: list[str], device: str) -> tuple[dict | None, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
+def paired_ratio(r: dict, peer: dict) -> float:
+    """Median over rounds of ``time / peer time`` in the same round: the rounds run the
+    methods back to back, so load that drifts from round to round cancels in each ratio."""
+    if not r.get("times") or not peer.get("times"):
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(r["times"], peer["times"], strict=True))
+
+
 def table(results: list[dict], ns: list[int]) -> str:
     by = {(r["method"], r["n"]): r for r in results}
     lines = [
@@ -250,7 +259,7 @@ def table(results: list[dict], ns: list[int]) -> str:
             if "failed" in r:
                 lines.append(f"| {m} | {n} | n/a | | | | | {r['failed'][:90]} |")
                 continue
-            ratio = r["time_s"] / peer["time_s"] if "time_s" in peer else float("nan")
+            ratio = paired_ratio(r, peer)
             if r["errors"]:
                 err = "; ".join(f"{v:.1e}" + ("" if k == "default" else f" ({k})")
                                 for k, v in r["errors"].items())
@@ -267,7 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 16, 64, 256; 3 rounds")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 7)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 11)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS_odeint.md"))
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", nargs="+", help=argparse.SUPPRESS)
@@ -278,10 +287,10 @@ def main() -> None:
         return
     if args.time_worker:
         n, *methods = args.time_worker
-        print(json.dumps(time_worker(int(n), methods, args.device, args.repeats or 7)))
+        print(json.dumps(time_worker(int(n), methods, args.device, args.repeats or 11)))
         return
     ns = [16, 64, 256] if args.quick else [8, 16, 32, 64, 128, 256, 512]
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 11)
     results = []
     for n in ns:
         here = []
@@ -319,7 +328,9 @@ Problem: `eps x'' + x' = F(x)`, eps = {EPS}, F = 64 -> 128 -> 64 tanh MLP, batch
 t in [0, 1], N steps of 1/N, u0 = 0.
 
 - Time: forward + backward, float32, median of {repeats} rounds; all methods of one N are
-  timed in one process, interleaved round by round.
+  timed in one process, interleaved round by round. "time / euler adj" is the median over
+  rounds of the ratio within each round (paired, so that load drifting between rounds
+  cancels); per-round times are in `results_odeint.json`.
 - NFE: evaluations of F in the forward and in the backward pass.
 - Peak memory: each (method, N) in a fresh interpreter, float32; of a second forward +
   backward after a full-size warm-up (the steady state of a training loop): increase of the
@@ -336,6 +347,11 @@ t in [0, 1], N steps of 1/N, u0 = 0.
         fh.write(text)
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
+    raw = os.path.join(os.path.dirname(args.out), "results_odeint.json")
+    with open(raw + ".tmp", "w") as fh:
+        json.dump(dict(command=command, results=results), fh, indent=1)
+    os.replace(raw + ".tmp", raw)
+    print(f"wrote {raw}")
 
 
 if __name__ == "__main__":
