@@ -13,6 +13,7 @@ from torch import nn
 import mode
 from mode.exact import FixedPoint
 from mode.reversible import ReconstructionWarning
+from mode.steps import MomentumStep
 
 D = 6
 
@@ -581,3 +582,55 @@ def test_parameters_replaced_between_calls_receive_gradients(exact):
 def test_repr_is_informative():
     text = repr(mode.MomentumResNet([mlp() for _ in range(4)], 0.9, exact=True))
     assert "depth=4" in text and "gamma=0.9" in text and "exact" in text and "eps=2.5" in text
+
+
+class _Clocked(nn.Module):
+    """f(x) = tanh(W x) * (1 + t): a residual function that reads a time set from outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D).double()
+        self.t = None
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * (1 + self.t)
+
+
+class _ClockedStep(MomentumStep):
+    def __init__(self, f, gamma, t=None):
+        super().__init__(f, gamma)
+        self.__dict__["t"] = t
+
+    def set_time(self, t):
+        self.__dict__["t"] = t
+
+    def _increment(self, x):
+        self.function.t = self.t
+        return super()._increment(x)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_step_grid_is_the_list_of_steps_it_stands_for(exact):
+    """A StepGrid (one module at many times) gives the outputs and gradients of the explicit
+    list of steps, one per time, in forward and backward order; empty grids and slices are
+    refused."""
+    from mode.reversible import integrate
+    from mode.steps import StepGrid
+
+    torch.manual_seed(4)
+    f = _Clocked()
+    times = torch.linspace(0, 1, 30, dtype=torch.float64)
+    grid_step = _ClockedStep(f, 0.7)
+    grid = StepGrid(grid_step, times, grid_step.set_time)
+    steps = [_ClockedStep(f, 0.7, t) for t in times]
+    x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for chain in (grid, steps):
+        xN, vN = integrate(chain, (x, torch.zeros_like(x)), exact=exact)
+        outs.append((xN, torch.autograd.grad((xN**2).sum(), [x, *f.parameters()])))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert_close_lists(list(outs[0][1]), list(outs[1][1]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one time"):
+        integrate(StepGrid(grid_step, times[:0], grid_step.set_time), (x, x))
+    with pytest.raises(TypeError, match="integers"):
+        grid[1:3]
