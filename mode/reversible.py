@@ -168,16 +168,21 @@ nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
 nn.modules.module.register_module_module_registration_hook(_bump_generation)
 
 
+def _per_generation(cache: weakref.WeakKeyDictionary, module: nn.Module, compute):
+    """``compute(module)``, kept in ``cache`` until the registration generation changes."""
+    entry = cache.get(module)
+    if entry is None or entry[0] != _generation[0]:
+        entry = (_generation[0], compute(module))
+        cache[module] = entry
+    return entry[1]
+
+
 def _cached_parameters(step: ReversibleStep) -> list[torch.Tensor]:
     """``_parameters(step)``, cached until a parameter or module is registered anywhere."""
-    entry = _step_params.get(step)
-    if entry is None or entry[0] != _generation[0]:
-        # ``.to()`` under this flag replaces parameters without registering them
-        if torch.__future__.get_overwrite_module_params_on_conversion():
-            return _parameters(step)
-        entry = (_generation[0], _parameters(step))
-        _step_params[step] = entry
-    return entry[1]
+    # ``.to()`` under this flag replaces parameters without registering them
+    if torch.__future__.get_overwrite_module_params_on_conversion():
+        return _parameters(step)
+    return _per_generation(_step_params, step, _parameters)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,14 +213,13 @@ def _replay_rng(saved: tuple | None, devices: list[int]):
 _norms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _find_batchnorms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _batchnorms(module: nn.Module) -> list[nn.Module]:
     """The BatchNorm layers inside ``module`` (cached like the parameter lists)."""
-    entry = _norms.get(module)
-    if entry is None or entry[0] != _generation[0]:
-        found = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        entry = (_generation[0], found)
-        _norms[module] = entry
-    return entry[1]
+    return _per_generation(_norms, module, _find_batchnorms)
 
 
 @contextmanager
