@@ -33,14 +33,6 @@ from mode.reversible import ReconstructionWarning
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 H = 0.3
 GAMMA = 0.8
 

@@ -20,14 +20,6 @@ from mode.models import resnet18
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
 

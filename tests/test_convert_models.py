@@ -15,14 +15,6 @@ import mode
 from mode.models import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import saved_bytes
 from torch import nn
 
 import mode
@@ -391,19 +392,6 @@ def test_exact_overflow_raises():
 # ------------------------------------------------------------------------------------- memory
 
 
-def saved_bytes(net, x):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
-    return total, out
-
-
 @pytest.mark.parametrize("exact", [False, True])
 def test_activation_memory_does_not_grow_with_depth(exact):
     torch.manual_seed(11)
@@ -417,7 +405,7 @@ def test_activation_memory_does_not_grow_with_depth(exact):
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ReconstructionWarning)
-                held[depth, reversible], _ = saved_bytes(net, x)
+                held[depth, reversible], _ = saved_bytes(lambda net=net: net(x))
     assert held[8, True] == held[128, True]
     assert held[128, True] <= 2 * x.numel() * 8  # the output pair (int64 in exact mode)
     assert held[128, False] > 10 * held[8, False] / 2  # autograd grows linearly

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import saved_bytes
 from torch import nn
 
 import mode.reversible as engine
@@ -209,20 +210,6 @@ def test_gradcheck_torchdiffeq(adjoint):
     assert torch.autograd.gradcheck(fn, (x0, u0, eps), atol=1e-6, rtol=1e-4)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors saved for backward while ``fn`` runs (autograd's activations)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total, out
-
-
 def test_reversible_memory_is_flat_in_the_number_of_steps():
     """Saved activations of adjoint='reversible' do not grow from 16 to 256 steps (autograd's
     grow ~16x); the information buffer of the exact mode stays within a few words too."""
@@ -233,7 +220,7 @@ def test_reversible_memory_is_flat_in_the_number_of_steps():
     sizes = {}
     for adjoint in (False, True, "reversible"):
         for n in (16, 256):
-            nbytes, xs = _saved_bytes(lambda n=n, a=adjoint: odeint(
+            nbytes, xs = saved_bytes(lambda n=n, a=adjoint: odeint(
                 field, x0, T1, eps=eps, method="momentum", options={"step_size": 1 / n},
                 adjoint=a))
             sizes[adjoint, n] = nbytes
