@@ -287,3 +287,14 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class PlaneField(MLPBlock):
+    """The autonomous field ``F(t, x) = W2 tanh(W1 x + b1) + b2`` on the plane (2 -> hidden
+    -> 2) of the nested-rings and trajectories studies, in torchdiffeq's ``func(t, x)`` form."""
+
+    def __init__(self, hidden: int):
+        super().__init__(2, hidden)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -22,7 +22,15 @@ from torch import nn
 
 import mode
 
-from .common import OKABE_ITO, Progress, color, resolve_device, save_figure, seed_everything
+from .common import (
+    OKABE_ITO,
+    PlaneField,
+    Progress,
+    color,
+    resolve_device,
+    save_figure,
+    seed_everything,
+)
 
 TITLE = "nested rings: (Momentum) Neural ODEs and (Momentum) ResNets, trajectories and regions"
 FIGURES = ["nested_rings"]
@@ -70,24 +78,13 @@ def nested_rings(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return x.astype(np.float32), y.astype(np.float32)
 
 
-class Field(nn.Module):
-    """``F(t, x) = W2 tanh(W1 x + b1) + b2``, 2 -> hidden -> 2 (autonomous)."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 2))
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class Layer(nn.Module):
     """A residual function ``f_n(x) = eta F_n(x)`` of a discrete network."""
 
     def __init__(self, hidden: int, eta: float):
         super().__init__()
         self.eta = eta
-        self.field = Field(hidden)
+        self.field = PlaneField(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.eta * self.field(None, x)
@@ -102,9 +99,9 @@ class Classifier(nn.Module):
         T, hidden = config["horizon"], config["hidden"]
         t = torch.linspace(0.0, T, config["ode_steps"] + 1)
         if kind == "Neural ODE":
-            self.flow = mode.NeuralODE(Field(hidden), t=t, method="rk4", trajectory=True)
+            self.flow = mode.NeuralODE(PlaneField(hidden), t=t, method="rk4", trajectory=True)
         elif kind == "Momentum Neural ODE":
-            self.flow = mode.MomentumNeuralODE(Field(hidden), config["eps"], t=t, method="rk4",
+            self.flow = mode.MomentumNeuralODE(PlaneField(hidden), config["eps"], t=t, method="rk4",
                                                trajectory=True)
         else:
             depth = config["depth"]

@@ -27,7 +27,15 @@ from torch import nn
 
 import mode
 
-from .common import Progress, SavedTensorMeter, color, resolve_device, save_figure, seed_everything
+from .common import (
+    PlaneField,
+    Progress,
+    SavedTensorMeter,
+    color,
+    resolve_device,
+    save_figure,
+    seed_everything,
+)
 
 TITLE = "Momentum Neural ODE vs Neural ODE on one task: trajectories, NFE, time, memory"
 FIGURES = ["trajectories"]
@@ -56,17 +64,6 @@ MODELS = ("Neural ODE (dopri5, adjoint)", "Momentum Neural ODE (dopri5, adjoint)
           "Momentum Neural ODE (momentum method, reversible)")
 
 
-class Field(nn.Module):
-    """``F(t, x) = W2 tanh(W1 x + b1) + b2`` (autonomous), 2 -> hidden -> 2."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 2))
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def disk(n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` points uniform in the unit disk, ``(n, 2)``."""
     r = torch.sqrt(torch.rand(n, generator=gen))
@@ -79,7 +76,7 @@ def reflect(x: torch.Tensor) -> torch.Tensor:
 
 
 def build(name: str, config: dict) -> nn.Module:
-    field = Field(config["hidden"])
+    field = PlaneField(config["hidden"])
     tol = {"rtol": config["rtol"], "atol": config["atol"]}
     if name.startswith("Neural ODE"):
         return mode.NeuralODE(field, method="dopri5", adjoint=True, **tol)
