@@ -326,6 +326,7 @@ class _Chain:
         self.final: list[torch.Tensor] | None = None  # exact mode: the output pair as ints
         self.checksum: tuple[int, ...] | None = None  # exact mode: of the input pair
         self.rng: list[tuple | None] = []
+        self.compiled: dict = {}  # exact mode: id(step) -> its compiled couplings
 
 
 def _rng_signature(state: tuple) -> tuple:
@@ -384,7 +385,8 @@ class _ExactCoupling(NamedTuple):
 
 
 def _exact_couplings(step: ReversibleStep, fps, cache: dict) -> list[_ExactCoupling]:
-    """``step.couplings()`` compiled for fixed point (cached in ``cache`` for one call).
+    """``step.couplings()`` compiled for fixed point, cached in ``cache`` (the chain's: the
+    backward pass and ``reverse`` then use the very multipliers of the forward pass).
 
     A shift from a slot with ``k`` more fractional bits than the target is rounded onto the
     target's grid: an additive term that is a deterministic function of ``s[o]``, so the
@@ -413,9 +415,8 @@ def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, dev
     """The couplings on fixed-point integers (``q`` is overwritten: nothing else holds it)."""
     fps, buf = chain.exact, chain.buffer
     rng = _RngRecorder(devices)
-    compiled: dict = {}
     for step in chain.steps:
-        couplings = _exact_couplings(step, fps, compiled)
+        couplings = _exact_couplings(step, fps, chain.compiled)
         for e in couplings:
             t, o = e.t, e.o
             new = buf.scale(q[t], *e.mult) if e.mult is not None else q[t]
@@ -500,7 +501,6 @@ class _ReversibleFunction(torch.autograd.Function):
         args = tuple(args)
         tensors = [leaves.get(id(t), t) for t in ctx.tensors]
         grads: list[torch.Tensor | None] = [None] * len(tensors)
-        compiled: dict = {}
         for i in range(len(chain.steps) - 1, -1, -1):
             step, rng, idx = chain.steps[i], chain.rng[i], chain.grad_index[i]
             if step.swap:
@@ -510,7 +510,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 couple, couplings = _backward_coupling, step.couplings()
             else:
                 couple = _backward_coupling_exact
-                couplings = _exact_couplings(step, exact, compiled)
+                couplings = _exact_couplings(step, exact, chain.compiled)
             if rng is None and not _batchnorms(step):
                 for c in reversed(couplings):
                     couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
@@ -768,13 +768,12 @@ def reverse(
         )
     fps, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
     q = list(chain.final)  # the decoded floats may hold fewer bits than the fixed point
-    compiled: dict = {}
     with torch.no_grad():
         for step in reversed(steps):
             if step.swap:
                 q = [q[1], q[0]]
             with _frozen_batchnorm(step):
-                for e in reversed(_exact_couplings(step, fps, compiled)):
+                for e in reversed(_exact_couplings(step, fps, chain.compiled)):
                     t, o = e.t, e.o
                     new = q[t]
                     if e.shift:
