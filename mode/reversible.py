@@ -8,39 +8,46 @@ in reverse and, for every coupling ``s[t] <- alpha s[t] + shift s[o] + phi(s[o])
 2. reconstructs ``s[t] <- (s[t] - shift s[o] - p) / alpha`` from the detached ``p``,
 3. back-propagates the incoming gradient through ``p`` (and ``alpha``).
 
-That is one extra evaluation of each residual function in total (about 4/3 of autograd's
-work), and memory that does not depend on depth. With ``exact=True`` the states are held in
-fixed point (:mod:`mode.exact`), so the reconstructed states are bit-identical to the forward
-ones at any depth; in float mode reconstruction error grows like ``prod |alpha|^-1`` and the
-engine warns when that makes gradients untrustworthy.
+That is one extra evaluation of each residual function in total, and memory that does not
+depend on depth. With ``exact=True`` the states are held in fixed point (:mod:`mode.exact`), so
+the reconstructed states are bit-identical to the forward ones at any depth; in float mode
+reconstruction error grows like ``prod |alpha|^-1`` and the engine warns when that makes
+gradients untrustworthy.
 
-Recomputation is faithful: a step that drew random numbers in the forward pass (dropout) sees
-the same RNG state again, and BatchNorm running statistics are not updated a second time.
+**One immutable plan per call** (DESIGN.md section 5). The forward compiles everything the
+backward and :func:`reverse` read into a :class:`Plan`: the couplings of every step with their
+coefficients, the parameters the forward read (the tensors themselves, so ``functional_call``
+fast weights are honoured) and the versions of every tensor it read, the training flags of the
+modules, the RNG state before every step that drew random numbers, the buffers before every
+step that changed them (BatchNorm, InstanceNorm, spectral_norm's vectors, a user's EMA) and
+the autocast state. The backward installs the forward's parameters as detached leaves, so
+parameter hooks fire once on the total gradient; it replays RNG, buffers and autocast, so the
+recomputation sees what the forward saw, and it leaves every module as autograd would. Nothing
+is cached on user objects and no process-wide hook is installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .exact import DEFAULT_FRAC_BITS, FixedPoint, InformationBuffer, rational
+from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS, FixedPoint, InformationBuffer, rational
 from .steps import (
     Coupling,
     ReversibleStep,
     State,
     StepGrid,
     _alpha_value,
-    _check_phi_output,
-    apply_step,
     coupling_update,
-    invert_step,
+    invert_coupling,
+    scaled_phi,
 )
 
 __all__ = [
@@ -49,6 +56,11 @@ __all__ = [
     "trajectory",
     "information_buffer",
     "predicted_amplification",
+    "Strategy",
+    "strategy",
+    "adjoint_strategy",
+    "default_frac_bits",
+    "Plan",
     "ReconstructionWarning",
     "AMPLIFICATION_WARN",
 ]
@@ -56,9 +68,90 @@ __all__ = [
 # Warn in float mode when eps(dtype) * prod |alpha|^-1 exceeds this relative error.
 AMPLIFICATION_WARN = 1e-3
 
+#: Default fractional bits of exact mode for float64 states: float64 gradients then match
+#: float64 autograd to about 1e-11 at depth 512, for a range |state| < 2^(46 - 38) = 256.
+DEFAULT_FRAC_BITS_FLOAT64 = 38
+
 
 class ReconstructionWarning(UserWarning):
     """Float reversal is predicted to amplify rounding errors beyond trust."""
+
+
+# --------------------------------------------------------------------------------------------
+# the gradient strategy: one vocabulary for the networks and odeint
+
+
+class Strategy(NamedTuple):
+    """How gradients are computed: plain autograd (``reversible=False``), float reconstruction
+    (``reversible=True``) or bit-exact fixed-point reconstruction (``exact=True``).
+    ``frac_bits`` (exact mode only) is ``None`` (by dtype: :func:`default_frac_bits`), an int,
+    or a pair ``(bits of s0, bits of s1)``."""
+
+    reversible: bool
+    exact: bool
+    frac_bits: int | tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return "exact" if self.exact else ("float" if self.reversible else "autograd")
+
+
+def _check_frac_bits(frac_bits, name: str = "frac_bits"):
+    if frac_bits is None:
+        return None
+    bits = tuple(frac_bits) if isinstance(frac_bits, tuple | list) else (frac_bits,)
+    if len(bits) not in (1, 2):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {frac_bits!r}")
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {frac_bits!r}")
+        if not 8 <= b <= MAX_FRAC_BITS:
+            raise ValueError(f"{name} must lie in [8, {MAX_FRAC_BITS}], got {frac_bits!r}")
+    return bits[0] if len(bits) == 1 else bits
+
+
+def strategy(reversible: bool = True, exact: bool = False, frac_bits=None) -> Strategy:
+    """The one validation of the gradient flags of every network and of :func:`integrate`."""
+    for name, flag in (("reversible", reversible), ("exact", exact)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if exact and not reversible:
+        raise ValueError(
+            "exact=True needs reversible=True: exact arithmetic serves reconstruction, which "
+            "only the reversible engine performs"
+        )
+    frac_bits = _check_frac_bits(frac_bits)
+    if frac_bits is not None and not exact:
+        raise ValueError(
+            f"frac_bits={frac_bits!r} sets the fixed point of exact mode; it has no meaning "
+            f"without exact=True"
+        )
+    return Strategy(reversible, exact, frac_bits)
+
+
+#: ``odeint``'s ``adjoint`` flag in the vocabulary of :class:`Strategy`.
+ADJOINT_STRATEGIES = {False: (False, False), True: (True, False), "reversible": (True, True)}
+
+
+def adjoint_strategy(adjoint, frac_bits=None) -> Strategy:
+    """``odeint(adjoint=...)``: ``False`` autograd, ``True`` float reconstruction,
+    ``"reversible"`` exact reconstruction, as a :class:`Strategy`."""
+    for key, (reversible, exact) in ADJOINT_STRATEGIES.items():
+        if adjoint is key or (isinstance(key, str) and isinstance(adjoint, str) and adjoint == key):
+            if frac_bits is not None and not exact:
+                raise ValueError(
+                    f"frac_bits sets the fixed point of adjoint='reversible'; it has no meaning "
+                    f"with adjoint={adjoint!r}"
+                )
+            return Strategy(reversible, exact, _check_frac_bits(frac_bits))
+    raise ValueError(f"adjoint must be False, True or 'reversible', got {adjoint!r}")
+
+
+def default_frac_bits(dtype: torch.dtype) -> int:
+    """Fractional bits of exact mode by state dtype: float64 38 (range ``|s| < 256``, float64
+    round-off in the gradients), float32, float16 and bfloat16 32 (range ``|s| < 16384``,
+    below the resolution of those formats)."""
+    return DEFAULT_FRAC_BITS_FLOAT64 if dtype == torch.float64 else DEFAULT_FRAC_BITS
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,18 +194,35 @@ def _check_steps(steps: Sequence[ReversibleStep]) -> Sequence[ReversibleStep]:
     return steps
 
 
-def _runs(steps: Sequence[ReversibleStep]) -> list[tuple[ReversibleStep, int]]:
-    """``(step, repeats)``: a StepGrid is one module ``len(grid)`` times, a list is itself."""
+def _refuse_functorch(tensors) -> None:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        raise RuntimeError(
+            "torch.func transforms (grad, vjp, jacrev, vmap, ...) cannot run through the "
+            "reversible engine, whose backward is a hand-written reconstruction; build the "
+            "network with reversible=False to use them"
+        )
+
+
+def _step_couplings(steps) -> list[tuple[Coupling, ...]] | None:
+    """The couplings of every step of a list, captured now (a grid makes its own per time)."""
     if isinstance(steps, StepGrid):
-        return [(steps.step, len(steps))]
-    return [(step, 1) for step in steps]
+        return None
+    return [tuple(step.couplings()) for step in steps]
 
 
-def _log_amplification(steps: Sequence[ReversibleStep]) -> float:
+def _runs(steps, couplings) -> list[tuple[Sequence[Coupling], int]]:
+    """``(couplings, repeats)``: a grid's couplings at its first time, ``len`` times."""
+    if couplings is None:
+        return [(steps.couplings(0), len(steps))]
+    return [(c, 1) for c in couplings]
+
+
+def _log_amplification(runs) -> float:
     """``-sum log |alpha|`` over the chain; raises if some ``alpha = 0`` (not invertible)."""
     log = 0.0
-    for i, (step, repeats) in enumerate(_runs(steps)):
-        for c in step.couplings():
+    for i, (couplings, repeats) in enumerate(runs):
+        for c in couplings:
             a = abs(_alpha_value(c.alpha))
             if a == 0.0:
                 raise ValueError(
@@ -124,18 +234,15 @@ def _log_amplification(steps: Sequence[ReversibleStep]) -> float:
     return log
 
 
-def _check_invertible(steps: list[ReversibleStep]) -> None:
-    _log_amplification(steps)
-
-
 def predicted_amplification(steps: Sequence[ReversibleStep]) -> float:
     """``prod |alpha|^-1`` over the chain: the factor by which float reversal amplifies error."""
-    return math.exp(min(_log_amplification(steps), 700.0))
+    steps = _check_steps(steps)
+    return math.exp(min(_log_amplification(_runs(steps, _step_couplings(steps))), 700.0))
 
 
-def _warn_amplification(steps: list[ReversibleStep], dtype: torch.dtype) -> None:
+def _warn_amplification(runs, dtype: torch.dtype) -> None:
     """Check invertibility and warn when float reversal is predicted to be untrustworthy."""
-    amp = predicted_amplification(steps)
+    amp = math.exp(min(_log_amplification(runs), 700.0))
     err = torch.finfo(dtype).eps * amp
     if err > AMPLIFICATION_WARN:
         warnings.warn(
@@ -149,44 +256,47 @@ def _warn_amplification(steps: list[ReversibleStep], dtype: torch.dtype) -> None
 
 
 # --------------------------------------------------------------------------------------------
-# per-step caches
-
-# Walking every step's module tree on every call costs as much as a tenth of a small network's
-# forward pass, so the parameter list of each step is cached. Any parameter or submodule
-# registered anywhere (assignment, ``register_parameter``, ``add_module``, ``load_state_dict(
-# assign=True)``, parametrizations, pruning) bumps the generation and invalidates every entry.
-# A removed parameter may linger in an entry; it then simply receives no gradient.
-_generation = [0]
-_step_params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# what a step reads: its modules, parameters and buffers, walked at every call
 
 
-def _bump_generation(*_) -> None:
-    _generation[0] += 1
+class _Reads(NamedTuple):
+    """The module tree of one step: its modules, ``(module, name, tensor)`` of every
+    parameter and ``(module, name)`` of every buffer."""
+
+    modules: tuple[nn.Module, ...]
+    params: tuple[tuple[nn.Module, str, torch.Tensor], ...]
+    buffers: tuple[tuple[nn.Module, str], ...]
 
 
-nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
-nn.modules.module.register_module_module_registration_hook(_bump_generation)
+def _walk(step: nn.Module) -> _Reads:
+    modules, params, buffers, seen, todo = [], [], [], set(), [step]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        modules.append(m)
+        for name, p in m._parameters.items():
+            if p is not None:
+                params.append((m, name, p))
+        for name, b in m._buffers.items():
+            if b is not None:
+                buffers.append((m, name))
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return _Reads(tuple(modules), tuple(params), tuple(buffers))
 
 
-def _per_generation(cache: weakref.WeakKeyDictionary, module: nn.Module, compute):
-    """``compute(module)``, kept in ``cache`` until the registration generation changes."""
-    entry = cache.get(module)
-    if entry is None or entry[0] != _generation[0]:
-        entry = (_generation[0], compute(module))
-        cache[module] = entry
-    return entry[1]
-
-
-def _cached_parameters(step: ReversibleStep) -> list[torch.Tensor]:
-    """``_parameters(step)``, cached until a parameter or module is registered anywhere."""
-    # ``.to()`` under this flag replaces parameters without registering them
-    if torch.__future__.get_overwrite_module_params_on_conversion():
-        return _parameters(step)
-    return _per_generation(_step_params, step, _parameters)
+def _versions(tensors) -> tuple[int, ...] | None:
+    if torch.is_inference_mode_enabled():  # no backward can follow; inference tensors have none
+        return None
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # an inference tensor outside inference mode
+        return None
 
 
 # --------------------------------------------------------------------------------------------
-# faithful recomputation: RNG state and BatchNorm statistics
+# faithful recomputation: RNG, autocast, buffers, training flags
 
 
 def _rng_devices(t: torch.Tensor) -> list[int]:
@@ -195,138 +305,6 @@ def _rng_devices(t: torch.Tensor) -> list[int]:
 
 def _get_rng(devices: list[int]) -> tuple:
     return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-@contextmanager
-def _replay_rng(saved: tuple | None, devices: list[int]):
-    """Run the block with the RNG state ``saved`` and restore the caller's state after."""
-    if saved is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=devices, enabled=True):
-        torch.set_rng_state(saved[0])
-        for d, s in zip(devices, saved[1]):
-            torch.cuda.set_rng_state(s, d)
-        yield
-
-
-_norms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _find_batchnorms(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _batchnorms(module: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers inside ``module`` (cached like the parameter lists)."""
-    return _per_generation(_norms, module, _find_batchnorms)
-
-
-@contextmanager
-def _frozen_batchnorm(module: nn.Module):
-    """Use batch statistics as in training, but do not update the running statistics."""
-    frozen = [m for m in _batchnorms(module) if m.training and m.track_running_stats]
-    for m in frozen:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in frozen:
-            m.track_running_stats = True
-
-
-# --------------------------------------------------------------------------------------------
-# bookkeeping of what receives gradients
-
-
-def _parameters(module: nn.Module) -> list[torch.Tensor]:
-    """``list(module.parameters())`` (duplicates included), without the generator overhead."""
-    out, todo, seen = [], [module], set()
-    while todo:
-        m = todo.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        out.extend(p for p in m._parameters.values() if p is not None)
-        todo.extend(c for c in m._modules.values() if c is not None)
-    return out
-
-
-def _grad_tensors(steps: list[ReversibleStep], args: tuple) -> tuple[list[torch.Tensor], list]:
-    """Tensors that receive gradients: tensor args, parameters and tensor alphas of the steps.
-
-    Returns the unique tensors and, per step, the indices (into that list) of those it uses.
-    """
-    tensors: list[torch.Tensor] = []
-    index: dict[int, int] = {}
-
-    def add(t: torch.Tensor) -> int:
-        if id(t) not in index:
-            index[id(t)] = len(tensors)
-            tensors.append(t)
-        return index[id(t)]
-
-    arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    per_step, seen = [], {}
-    for step, repeats in _runs(steps):
-        own = [add(p) for p in _cached_parameters(step) if p.requires_grad]
-        for c in step.couplings():
-            if isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad:
-                own.append(add(c.alpha))
-        own = arg_idx + sorted(set(own) - set(arg_idx))
-        # a step used many times (weight tying, a StepGrid) shares one index list
-        per_step.extend([seen.setdefault((id(step), tuple(own)), own)] * repeats)
-    return tensors, per_step
-
-
-_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # step -> generation
-
-
-def _check_closure(step: ReversibleStep, out: torch.Tensor, known: list[torch.Tensor]) -> None:
-    """Raise if ``out`` depends on a trainable leaf the engine does not know about.
-
-    Such a tensor (a parameter of a residual function that is not a submodule of the step,
-    say) would silently receive no gradient in reversible mode.
-    """
-    if _verified.get(step) == _generation[0] or out.grad_fn is None:
-        return
-    stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
-    known_ids = {id(t) for t in known}
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen or id(fn) in stop:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None and id(var) not in known_ids:
-            raise ValueError(
-                f"a residual function of {type(step).__name__} uses a trainable tensor of shape "
-                f"{tuple(var.shape)} that is neither a parameter of the step, nor an argument, "
-                f"nor its alpha: in reversible mode it would receive no gradient. Register it "
-                f"(make the function an nn.Module holding it) or use reversible=False."
-            )
-        todo.extend(f for f, _ in fn.next_functions)
-    _verified[step] = _generation[0]
-
-
-# --------------------------------------------------------------------------------------------
-# the autograd function
-
-
-class _Chain:
-    """Everything about one call that is not a tensor input of the autograd function."""
-
-    def __init__(self, steps, args, exact: tuple[FixedPoint, FixedPoint] | None, grad_index):
-        self.steps = steps
-        self.args = args
-        self.exact = exact
-        self.grad_index = grad_index
-        self.buffer: InformationBuffer | None = None
-        self.final: list[torch.Tensor] | None = None  # exact mode: the output pair as ints
-        self.checksum: tuple[int, ...] | None = None  # exact mode: of the input pair
-        self.rng: list[tuple | None] = []
-        self.compiled: dict = {}  # exact mode: id(step) -> its compiled couplings
 
 
 def _rng_signature(state: tuple) -> tuple:
@@ -359,22 +337,124 @@ class _RngRecorder:
         self.before, self.signature = after, signature
 
 
-def _forward_float(chain: _Chain, s: list[torch.Tensor], args: tuple, devices) -> list:
-    rng = _RngRecorder(devices)
-    for step in chain.steps:
-        for c in step.couplings():
-            s[c.target] = coupling_update(c, s, args)
-        if step.swap:
-            s = [s[1], s[0]]
-        rng.step_done()
-    chain.rng = rng.states
-    return s
+@contextlib.contextmanager
+def _replay_rng(saved: tuple | None, devices: list[int]):
+    """Run the block with the RNG state ``saved`` and restore the caller's state after."""
+    if saved is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(saved[0])
+        for d, s in zip(devices, saved[1]):
+            torch.cuda.set_rng_state(s, d)
+        yield
+
+
+def _autocast_state(device_type: str) -> tuple:
+    kinds = [device_type] if device_type == "cpu" else [device_type, "cpu"]
+    return tuple(
+        (k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds
+    ), torch.is_autocast_cache_enabled()
+
+
+@contextlib.contextmanager
+def _replay_autocast(state: tuple):
+    """Autocast exactly as the forward had it (on or off, same dtype), as checkpoint does."""
+    kinds, cache = state
+    with contextlib.ExitStack() as stack:
+        for kind, enabled, dtype in kinds:
+            if enabled or torch.is_autocast_enabled(kind):
+                stack.enter_context(
+                    torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
+                )
+        yield
+
+
+class _Snapshot(NamedTuple):
+    """The buffers of one step use that its forward changed: ``(module, name, value before)``."""
+
+    entries: tuple[tuple[nn.Module, str, torch.Tensor], ...]
+
+
+def _snapshot_before(reads: _Reads) -> list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]]:
+    """Every buffer of the step with its identity, version and a copy, before the step runs."""
+    out = []
+    for m, name in reads.buffers:
+        b = m._buffers[name]
+        if b is None:
+            continue
+        out.append((m, name, b, b._version, b.clone()))
+    return out
+
+
+def _changed(m: nn.Module, name: str, b: torch.Tensor, version: int, copy: torch.Tensor) -> bool:
+    """Whether the step replaced or modified a buffer. Its values are compared too: some
+    kernels (BatchNorm's running statistics) write in place without bumping the version."""
+    now = m._buffers.get(name)
+    return now is not b or b._version != version or not torch.equal(b, copy)
+
+
+def _snapshot_after(before) -> _Snapshot | None:
+    """Keep the copies of the buffers that the step replaced or modified in place."""
+    changed = tuple((m, name, copy) for m, name, b, v, copy in before if _changed(m, name, b, v, copy))
+    return _Snapshot(changed) if changed else None
+
+
+@contextlib.contextmanager
+def _replay_buffers(snapshot: _Snapshot | None, reads: _Reads, isolate: bool):
+    """Run the block with the buffers the forward step saw; leave the module's own as they are.
+
+    The forward's values are installed as fresh copies (the snapshot itself is never written),
+    and the module's buffers are put back after. With ``isolate`` every other buffer of the step
+    is also replaced by a copy, so that the block cannot change the module's state.
+    """
+    saved, installed = [], set()
+    entries = snapshot.entries if snapshot is not None else ()
+    try:
+        for m, name, value in entries:
+            saved.append((m, name, m._buffers[name]))
+            m._buffers[name] = value.clone()
+            installed.add((id(m), name))
+        if isolate:
+            for m, name in reads.buffers:
+                b = m._buffers[name]
+                if b is not None and (id(m), name) not in installed:
+                    saved.append((m, name, b))
+                    m._buffers[name] = b.clone()
+        yield
+    finally:
+        for m, name, b in reversed(saved):
+            m._buffers[name] = b
+
+
+@contextlib.contextmanager
+def _installed(plan: Plan, leaves: dict[int, torch.Tensor]):
+    """The modules as the forward saw them: its parameters (as ``leaves``, or detached) and
+    training flags; everything is put back after."""
+    saved_params, saved_flags = [], []
+    try:
+        for m, name, p in plan.params:
+            saved_params.append((m, name, m._parameters[name]))
+            m._parameters[name] = leaves.get(id(p)) if id(p) in leaves else p.detach()
+        for m, flag in plan.training:
+            if m.training is not flag:
+                saved_flags.append((m, m.training))
+                m.training = flag
+        yield
+    finally:
+        for m, name, p in reversed(saved_params):
+            m._parameters[name] = p
+        for m, flag in saved_flags:
+            m.training = flag
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
 
 
 class _ExactCoupling(NamedTuple):
-    """A coupling with what exact mode needs precomputed once per call (not once per step)."""
+    """The fixed-point arithmetic of a coupling, compiled once per plan (not once per step)."""
 
-    c: Coupling
     t: int
     o: int
     mult: tuple[int, int, int] | None  # alpha = sign n / d; None when alpha = 1
@@ -384,59 +464,211 @@ class _ExactCoupling(NamedTuple):
     shift_rounded: float  # multiple of q[o] rounded onto the grid of q[t] (0: none)
 
 
-def _exact_couplings(step: ReversibleStep, fps, cache: dict) -> list[_ExactCoupling]:
-    """``step.couplings()`` compiled for fixed point, cached in ``cache`` (the chain's: the
-    backward pass and ``reverse`` then use the very multipliers of the forward pass).
-
-    A shift from a slot with ``k`` more fractional bits than the target is rounded onto the
+def _compile_exact(c: Coupling, fps, memo: dict) -> _ExactCoupling:
+    """A shift from a slot with ``k`` more fractional bits than the target is rounded onto the
     target's grid: an additive term that is a deterministic function of ``s[o]``, so the
     coupling stays exactly invertible."""
-    out = cache.get(id(step))
-    if out is None:
-        out = []
-        for c in step.couplings():
-            t, o = c.target, 1 - c.target
-            a = _alpha_value(c.alpha)
-            shift = rounded = 0.0
-            if c.shift:
-                k = fps[t].frac_bits - fps[o].frac_bits
-                if k >= 0:
-                    shift = c.shift * 2**k
-                else:
-                    rounded = c.shift * 2.0**k
-            alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
-            mult = None if a == 1.0 else rational(a)
-            out.append(_ExactCoupling(c, t, o, mult, a, alpha_grad, shift, rounded))
-        cache[id(step)] = out
-    return out
+    alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
+    a = _alpha_value(c.alpha)
+    key = (c.target, a, c.shift, alpha_grad)
+    e = memo.get(key)
+    if e is None:
+        t, o = c.target, 1 - c.target
+        shift = rounded = 0.0
+        if c.shift:
+            k = fps[t].frac_bits - fps[o].frac_bits
+            if k >= 0:
+                shift = c.shift * 2**k
+            else:
+                rounded = c.shift * 2.0**k
+        mult = None if a == 1.0 else rational(a)
+        e = memo[key] = _ExactCoupling(t, o, mult, a, alpha_grad, shift, rounded)
+    return e
 
 
-def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, devices) -> list:
+class Plan:
+    """Everything one forward of :func:`integrate` did that its backward and :func:`reverse`
+    read. Built by the forward; read-only afterwards (the exact buffer is read through
+    cursors), so two forwards before one backward, or a configuration changed between
+    forward and backward, cannot mix.
+
+    Attributes: ``steps`` (the chain), ``couplings`` (per step, or ``None`` for a grid, whose
+    couplings are a function of its immutable times), ``args``, ``exact`` (the two
+    :class:`~mode.exact.FixedPoint` s or ``None``), ``tensors`` (the tensors that receive
+    gradients), ``grad_index`` (per step, indices into ``tensors``), ``params`` (``(module,
+    name, tensor)`` the forward read), ``training`` (``(module, flag)``), ``versions``, ``rng``
+    and ``snapshots`` (per step), ``autocast``; in exact mode ``buffer`` (the
+    :class:`~mode.exact.InformationBuffer`), ``final`` (the output pair in fixed point) and
+    ``checksum`` (of the input pair).
+    """
+
+    def __init__(self, steps, couplings, args, exact, strategy_, s0):
+        self.steps = steps
+        self.couplings = couplings
+        self.args = args
+        self.exact = exact
+        self.strategy = strategy_
+        self.device_type = s0.device.type
+        self.devices = _rng_devices(s0)
+        self.autocast = _autocast_state(self.device_type)
+        distinct = [steps.step] if couplings is None else list({id(s): s for s in steps}.values())
+        self.reads = {id(s): _walk(s) for s in distinct}
+        params, modules, seen_m = [], [], set()
+        for r in self.reads.values():
+            params.extend(r.params)
+            for m in r.modules:
+                if id(m) not in seen_m:
+                    seen_m.add(id(m))
+                    modules.append(m)
+        self.params = tuple(params)
+        self.training = tuple((m, m.training) for m in modules)
+        self._index_tensors(steps, couplings, args)
+        watched = {id(t): t for t in (*self.tensors, *(p for _, _, p in params))}
+        watched.update((id(a), a) for a in args if isinstance(a, torch.Tensor))
+        self.watched = tuple(watched.values())
+        self.versions = _versions(self.watched)
+        self.buffer_versions: tuple | None = None
+        self.rng: list = []
+        self.snapshots: list = []
+        self.buffer: InformationBuffer | None = None
+        self.final: list[torch.Tensor] | None = None
+        self.checksum: tuple[int, ...] | None = None
+        self.compiled: dict = {}
+
+    def _index_tensors(self, steps, couplings, args) -> None:
+        """The tensors that receive gradients (tensor args, parameters and tensor alphas of
+        the steps), without duplicates, and per step the indices of those it uses."""
+        tensors: list[torch.Tensor] = []
+        index: dict[int, int] = {}
+
+        def add(t: torch.Tensor) -> int:
+            if id(t) not in index:
+                index[id(t)] = len(tensors)
+                tensors.append(t)
+            return index[id(t)]
+
+        arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        per_step, shared = [], {}
+        uses = ([(steps.step, _runs(steps, None)[0][0], len(steps))] if couplings is None
+                else [(s, c, 1) for s, c in zip(steps, couplings)])
+        for step, cs, repeats in uses:
+            own = [add(p) for _, _, p in self.reads[id(step)].params if p.requires_grad]
+            own += [add(x) for c in cs for x in (c.alpha, c.scale)
+                    if isinstance(x, torch.Tensor) and x.requires_grad]
+            own = arg_idx + sorted(set(own) - set(arg_idx))
+            # a step used many times (weight tying, a grid) shares one index list
+            per_step.extend([shared.setdefault((id(step), tuple(own)), own)] * repeats)
+        self.tensors, self.grad_index = tensors, per_step
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def step(self, i: int) -> ReversibleStep:
+        return self.steps.step if self.couplings is None else self.steps[i]
+
+    def couplings_of(self, i: int) -> Sequence[Coupling]:
+        return self.steps.couplings(i) if self.couplings is None else self.couplings[i]
+
+    def check_unmodified(self) -> None:
+        """Raise, as autograd does, if a tensor the forward read was modified in place."""
+        if self.versions is None:
+            return
+        for t, v in zip(self.watched, self.versions):
+            if t._version != v:
+                raise RuntimeError(
+                    f"a tensor of shape {tuple(t.shape)} that the reversible forward read ("
+                    f"{self._describe(t)}) was modified in place after the forward (version "
+                    f"{v} -> {t._version}): its backward would recompute with other values. "
+                    f"Modify it after backward, or use reversible=False"
+                )
+        for m, name, b, v in self.buffer_versions or ():
+            if m._buffers.get(name) is not b or b._version != v:
+                raise RuntimeError(
+                    f"buffer {name!r} of {type(m).__name__} was changed after the reversible "
+                    f"forward that read it, and no copy of the value it read was kept (the "
+                    f"forward did not change it): the backward cannot recompute faithfully. "
+                    f"Run the backward first, or use reversible=False"
+                )
+
+    def _describe(self, t: torch.Tensor) -> str:
+        for m, name, p in self.params:
+            if p is t:
+                return f"parameter {name!r} of {type(m).__name__}"
+        if any(a is t for a in self.args):
+            return "an extra argument"
+        return "a coupling coefficient"
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+def _step_uses(plan: Plan):
+    """``(i, step, reads, couplings)`` for every step of the chain, in order."""
+    for i in range(len(plan)):
+        step = plan.step(i)
+        yield i, step, plan.reads[id(step)], plan.couplings_of(i)
+
+
+def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Tensor]:
+    """Run every step with ``run_couplings(couplings, s)``, recording RNG draws and buffer
+    changes per step and the versions of buffers it did not change."""
+    rng = _RngRecorder(plan.devices)
+    untouched: dict = {}
+    for _, step, reads, couplings in _step_uses(plan):
+        before = _snapshot_before(reads) if reads.buffers else None
+        s = run_couplings(couplings, s)
+        if step.swap:
+            s = [s[1], s[0]]
+        rng.step_done()
+        snap = None
+        if before is not None:
+            snap = _snapshot_after(before)
+            for m, name, b, _v, _c in before:
+                key = (id(m), name)
+                if snap is not None and any(e[0] is m and e[1] == name for e in snap.entries):
+                    untouched[key] = None  # changed by the forward: replayed from copies
+                elif key not in untouched:
+                    untouched[key] = (m, name, b, b._version)
+        plan.snapshots.append(snap)
+    plan.rng = rng.states
+    if plan.versions is not None:
+        plan.buffer_versions = tuple(v for v in untouched.values() if v is not None)
+    return s
+
+
+def _float_couplings(args):
+    def run(couplings, s):
+        for c in couplings:
+            s[c.target] = coupling_update(c, s, args)
+        return s
+
+    return run
+
+
+def _exact_couplings(plan: Plan, dtype):
     """The couplings on fixed-point integers (``q`` is overwritten: nothing else holds it)."""
-    fps, buf = chain.exact, chain.buffer
-    rng = _RngRecorder(devices)
-    for step in chain.steps:
-        couplings = _exact_couplings(step, fps, chain.compiled)
-        for e in couplings:
+    fps, buf, args, memo = plan.exact, plan.buffer, plan.args, plan.compiled
+
+    def run(couplings, q):
+        for c in couplings:
+            e = _compile_exact(c, fps, memo)
             t, o = e.t, e.o
             new = buf.scale(q[t], *e.mult) if e.mult is not None else q[t]
             if e.shift:
                 new = torch.add(new, q[o], alpha=e.shift)
             elif e.shift_rounded:
                 new = torch.add(new, torch.mul(q[o], e.shift_rounded).round_())
-            if e.c.phi is not None:
-                other = fps[o].decode(q[o], dtype)
-                p = _check_phi_output(e.c.phi(other, *args), other)
+            if c.phi is not None:
+                p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
                 new = torch.add(new, fps[t].quantize(p))
             q[t] = new
-        for e in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
-            fps[e.t].check(q[e.t])
-        if step.swap:
-            q = [q[1], q[0]]
-        rng.step_done()
-    chain.rng = rng.states
-    return q
+        for c in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
+            fps[c.target].check(q[c.target])
+        return q
+
+    return run
 
 
 def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
@@ -445,90 +677,133 @@ def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(int(v) for x in q for v in (x.sum(), (x * x).sum()))
 
 
-def _verify_reconstruction(chain: _Chain, q: list[torch.Tensor]) -> None:
-    if _checksum(q) != chain.checksum:
+def _verify_reconstruction(plan: Plan, q: list[torch.Tensor]) -> None:
+    if _checksum(q) != plan.checksum:
         raise RuntimeError(
-            "exact reconstruction did not return to the forward's input: a residual function "
-            "gave different outputs for the same input bits in the forward and backward passes "
-            "(a non-deterministic kernel, or hidden state). Gradients would be wrong. On a GPU, "
-            "call torch.use_deterministic_algorithms(True); make stateful functions pure."
+            "exact reconstruction did not return to the forward's input. The parameters, "
+            "extra arguments and buffers the forward read are unchanged and its random numbers "
+            "were replayed, so a residual function gave different outputs for the same input "
+            "bits in the two passes: a non-deterministic kernel (on a GPU, call "
+            "torch.use_deterministic_algorithms(True) and set "
+            "torch.backends.cudnn.benchmark = False), or state outside its parameters and "
+            "buffers (a Python attribute it changes). Gradients would be wrong."
         )
 
 
+# --------------------------------------------------------------------------------------------
+# the autograd function
+
+
 class _ReversibleFunction(torch.autograd.Function):
-    """Inputs: the chain, the state pair and the grad-receiving tensors (``_grad_tensors``)."""
+    """Inputs: the plan, the state pair and the grad-receiving tensors (``plan.tensors``)."""
 
     @staticmethod
-    def forward(ctx, chain: _Chain, s0, s1, *tensors):
-        devices = _rng_devices(s0)
+    def forward(ctx, plan: Plan, s0, s1, *tensors):
         dtype = s0.dtype
-        if chain.exact is None:
-            out = _forward_float(chain, [s0, s1], chain.args, devices)
+        if plan.exact is None:
+            out = _forward(plan, [s0, s1], _float_couplings(plan.args))
             out = [o.clone() if o is s0 or o is s1 else o for o in out]
             ctx.save_for_backward(*out)
         else:
-            fps = chain.exact
+            fps = plan.exact
             q = [fps[0].encode(s0, "s0"), fps[1].encode(s1, "s1")]
-            chain.checksum = _checksum(q)
-            chain.buffer = InformationBuffer(s0.shape, s0.device)
-            q = _forward_exact(chain, q, chain.args, dtype, devices)
-            chain.final = q
+            plan.checksum = _checksum(q)
+            plan.buffer = InformationBuffer(s0.shape, s0.device)
+            q = _forward(plan, q, _exact_couplings(plan, dtype))
+            plan.final = q
             ctx.save_for_backward(*q)
             out = [fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)]
-        ctx.chain, ctx.tensors, ctx.dtype, ctx.devices = chain, tensors, dtype, devices
+        ctx.plan, ctx.dtype = plan, dtype
         return out[0], out[1]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g0, g1):
-        chain, dtype, devices = ctx.chain, ctx.dtype, ctx.devices
-        exact = chain.exact
-        buf = chain.buffer.reader() if exact is not None else None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the reversible engine supports first-order gradients only: its backward is a "
+                "reconstruction, not a differentiable graph (create_graph=True, double "
+                "backward, Hessian-vector products). Build the network with reversible=False"
+            )
+        plan, dtype = ctx.plan, ctx.dtype
+        plan.check_unmodified()
         s = list(ctx.saved_tensors)  # never modified in place: each update makes a new tensor
-        shape, device = ctx.saved_tensors[0].shape, ctx.saved_tensors[0].device
+        shape, device = s[0].shape, s[0].device
         g = [
             g0 if g0 is not None else torch.zeros(shape, dtype=dtype, device=device),
             g1 if g1 is not None else torch.zeros(shape, dtype=dtype, device=device),
         ]
-        # Tensor args become fresh leaves, so that each VJP stops at them.
-        leaves = {}
-        args = []
-        for a in chain.args:
-            if isinstance(a, torch.Tensor):
-                leaves[id(a)] = a.detach().requires_grad_(a.requires_grad)
-                a = leaves[id(a)]
-            args.append(a)
-        args = tuple(args)
-        tensors = [leaves.get(id(t), t) for t in ctx.tensors]
-        grads: list[torch.Tensor | None] = [None] * len(tensors)
-        for i in range(len(chain.steps) - 1, -1, -1):
-            step, rng, idx = chain.steps[i], chain.rng[i], chain.grad_index[i]
-            if step.swap:
-                s, g = [s[1], s[0]], [g[1], g[0]]
-            inputs = [tensors[j] for j in idx]
-            if exact is None:
-                couple, couplings = _backward_coupling, step.couplings()
-            else:
-                couple = _backward_coupling_exact
-                couplings = _exact_couplings(step, exact, chain.compiled)
-            if rng is None and not _batchnorms(step):
-                for c in reversed(couplings):
-                    couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
-                continue
-            with _replay_rng(rng, devices), _frozen_batchnorm(step):
-                for c in reversed(couplings):
-                    couple(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype)
+        # Fresh leaves for what receives gradients, so that each VJP stops at them and the
+        # tensors' own hooks fire once, on the total that this function returns.
+        leaves = {id(t): t.detach().requires_grad_(True) for t in ctx.plan.tensors}
+        args = tuple(leaves.get(id(a), a) if isinstance(a, torch.Tensor) else a
+                     for a in plan.args)
+        inputs_of = [leaves[id(t)] for t in plan.tensors]
+        grads: list[torch.Tensor | None] = [None] * len(inputs_of)
+        exact = plan.exact
+        buf = plan.buffer.reader() if exact is not None else None
+        couple = _backward_coupling if exact is None else _backward_coupling_exact
+        checked: set[int] = set()
+        with _replay_autocast(plan.autocast), _installed(plan, leaves):
+            for i in range(len(plan) - 1, -1, -1):
+                step = plan.step(i)
+                idx = plan.grad_index[i]
+                if step.swap:
+                    s, g = [s[1], s[0]], [g[1], g[0]]
+                inputs = [inputs_of[j] for j in idx]
+                check = id(step) not in checked
+                checked.add(id(step))
+                rng, snap = plan.rng[i], plan.snapshots[i]
+                replay = rng is not None or snap is not None
+                with _replay_rng(rng, plan.devices) if replay else contextlib.nullcontext(), \
+                        _replay_buffers(snap, None, False) if replay else contextlib.nullcontext():
+                    for c in reversed(plan.couplings_of(i)):
+                        couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
+                               dtype, check)
         if exact is not None:
-            _verify_reconstruction(chain, s)
+            _verify_reconstruction(plan, s)
         return (None, g[0], g[1], *grads)
 
 
-def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtype):
+def _leaf(x, leaves: dict):
+    """The backward's leaf for a captured tensor coefficient (a float stays a float)."""
+    return leaves.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+
+def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor]) -> None:
+    """Raise if ``out`` depends on a trainable leaf the engine does not know about.
+
+    Such a tensor (a parameter of a residual function that is not a submodule of the step,
+    say) would silently receive no gradient in reversible mode.
+    """
+    if out.grad_fn is None:
+        return
+    stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
+    known_ids = {id(t) for t in known}
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or id(fn) in stop:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) not in known_ids:
+            raise ValueError(
+                f"a residual function of {type(step).__name__} uses a trainable tensor of shape "
+                f"{tuple(var.shape)} that is neither a parameter of the step, nor an argument, "
+                f"nor its alpha: in reversible mode it would receive no gradient. Register it "
+                f"(make the function an nn.Module holding it) or use reversible=False."
+            )
+        todo.extend(f for f, _ in fn.next_functions)
+
+
+def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
+                       check):
     """Reconstruct the target slot before coupling ``c`` and propagate gradients through it
     (float mode)."""
     t, o = c.target, 1 - c.target
     a = _alpha_value(c.alpha)
-    alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
+    alpha = _leaf(c.alpha, leaves)
+    alpha_grad = isinstance(alpha, torch.Tensor) and alpha.requires_grad
     if c.phi is None and not alpha_grad:
         # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
         prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
@@ -537,21 +812,24 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
         return
     other = s[o].detach().requires_grad_(True)
     with torch.enable_grad():
-        p = c.phi(other, *args) if c.phi is not None else None
-    if p is not None:
+        p = scaled_phi(c, other, args, _leaf(c.scale, leaves)) if c.phi is not None else None
+    if p is not None and check:
         _check_closure(step, p, [other, *inputs])
     prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
     if p is not None:
         prev = prev - p.detach()
     prev = prev / a if a != 1.0 else prev
     s[t] = prev
-    _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
+    _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
 
 
-def _backward_coupling_exact(step, e, s, g, args, inputs, idx, grads, fps, buf, dtype):
-    """As :func:`_backward_coupling` on fixed-point integers (``e`` a compiled coupling): the
-    reconstruction pops the information buffer and is bit-identical to the forward state."""
-    t, o, c = e.t, e.o, e.c
+def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
+                             check):
+    """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
+    information buffer and is bit-identical to the forward state."""
+    fps = plan.exact
+    e = _compile_exact(c, fps, plan.compiled)
+    t, o = e.t, e.o
     q = s[t]  # saved by the forward for the first step: never modified in place
     if e.shift:
         q = torch.sub(q, s[o], alpha=e.shift)
@@ -565,12 +843,14 @@ def _backward_coupling_exact(step, e, s, g, args, inputs, idx, grads, fps, buf, 
     p = None
     if c.phi is not None:
         with torch.enable_grad():
-            p = c.phi(other, *args)
-        _check_closure(step, p, [other, *inputs])
+            p = scaled_phi(c, other, args, _leaf(c.scale, leaves))
+        if check:
+            _check_closure(step, p, [other, *inputs])
         q = torch.sub(q, fps[t].quantize(p))
     s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
     prev = fps[t].decode(s[t], dtype) if e.alpha_grad else None
-    _vjp(c, g, t, o, e.a, p, prev, other, inputs, idx, grads, e.alpha_grad)
+    _vjp(c, _leaf(c.alpha, leaves), g, t, o, e.a, p, prev, other, inputs, idx, grads,
+         e.alpha_grad)
 
 
 try:  # the engine call behind torch.autograd.grad, without its argument checks
@@ -602,17 +882,17 @@ def _linear_grads(c, g, t, o, a) -> None:
         g[t] = a * g[t]
 
 
-def _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -> None:
+def _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -> None:
     """Vector-Jacobian product: d/d(other, inputs, alpha) of ``<g_t, alpha prev + phi(other)>``
     (plus the linear shift term), accumulated into ``g`` and ``grads``."""
     gt = g[t]
     outputs, grad_outputs = [], []
     if p is not None:
         outputs.append(p)
-        grad_outputs.append(gt)
+        grad_outputs.append(gt if p.dtype == gt.dtype else gt.to(p.dtype))
     if alpha_grad:
-        outputs.append(c.alpha)
-        grad_outputs.append((prev * gt).sum().reshape(c.alpha.shape).to(c.alpha.dtype))
+        outputs.append(alpha)
+        grad_outputs.append((prev * gt).sum().reshape(alpha.shape).to(alpha.dtype))
     vjp = _grad(outputs, [other, *inputs], grad_outputs)
     if c.shift:
         g[o] = torch.add(g[o], gt, alpha=c.shift)
@@ -641,40 +921,52 @@ def _accumulate(grads: list, idx: list[int], new: Sequence[torch.Tensor | None])
 
 
 # --------------------------------------------------------------------------------------------
-# the exact buffer of returned outputs, so that ``reverse`` can undo an exact forward
+# the plans of returned outputs, so that ``reverse`` can undo a forward faithfully
 
 
-_buffers: dict[int, tuple] = {}
+_records: dict[int, tuple] = {}
 
 
-def _remember(out: State, chain: _Chain) -> None:
+def _remember(out: State, plan: Plan) -> None:
     key = id(out[0])
-    ref0 = weakref.ref(out[0], lambda _: _buffers.pop(key, None))
-    _buffers[key] = (ref0, weakref.ref(out[1]), out[0]._version, out[1]._version, chain)
+    ref0 = weakref.ref(out[0], lambda _: _records.pop(key, None))
+    versions = _versions(out) or (None, None)
+    _records[key] = (ref0, weakref.ref(out[1]), versions[0], versions[1], plan)
 
 
-def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> _Chain | None:
-    """The exact-mode record of an output pair of :func:`integrate`, or ``None``.
+def _record(s0: torch.Tensor, s1: torch.Tensor) -> Plan | None:
+    entry = _records.get(id(s0))
+    if entry is None:
+        return None
+    ref0, ref1, v0, v1, plan = entry
+    if ref0() is not s0 or ref1() is not s1:
+        return None
+    if v0 is not None and (s0._version != v0 or s1._version != v1):
+        return None
+    return plan
+
+
+def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> Plan | None:
+    """The :class:`Plan` of the exact forward that returned the pair ``(s0, s1)``, or ``None``.
 
     Its ``buffer`` is the :class:`~mode.exact.InformationBuffer` and ``final`` the output pair
     in fixed point.
     """
-    entry = _buffers.get(id(s0))
-    if entry is None:
-        return None
-    ref0, ref1, v0, v1, chain = entry
-    if ref0() is not s0 or ref1() is not s1:
-        return None
-    if s0._version != v0 or s1._version != v1:
+    entry = _records.get(id(s0))
+    if entry is not None and entry[0]() is s0 and entry[1]() is s1 and entry[2] is not None \
+            and (s0._version != entry[2] or s1._version != entry[3]) and entry[4].exact:
         raise ValueError("the outputs of an exact forward were modified in place; cannot invert")
-    return chain
+    plan = _record(s0, s1)
+    return plan if plan is not None and plan.exact is not None else None
 
 
 # --------------------------------------------------------------------------------------------
 # public entry points
 
 
-def _fixed_points(frac_bits: int | tuple[int, int]) -> tuple[FixedPoint, FixedPoint]:
+def _fixed_points(frac_bits, dtype: torch.dtype) -> tuple[FixedPoint, FixedPoint]:
+    if frac_bits is None:
+        frac_bits = default_frac_bits(dtype)
     if isinstance(frac_bits, tuple | list):
         if len(frac_bits) != 2:
             raise ValueError(f"frac_bits must be an int or a pair of ints, got {frac_bits!r}")
@@ -690,14 +982,15 @@ def integrate(
     *,
     reversible: bool = True,
     exact: bool = False,
-    frac_bits: int = DEFAULT_FRAC_BITS,
+    frac_bits: int | tuple[int, int] | None = None,
 ) -> State:
     """Run ``steps`` on ``state = (s0, s1)``; return the final pair.
 
     Parameters
     ----------
-    steps : sequence of ReversibleStep
-        The chain, applied in order.
+    steps : sequence of ReversibleStep, or a StepGrid
+        The chain, applied in order. ``step.couplings()`` is called once per step, now: the
+        couplings (their coefficients) are what the backward pass uses.
     state : (Tensor, Tensor)
         Two floating tensors of the same shape ``(*, ...)``.
     args : tuple
@@ -709,35 +1002,54 @@ def integrate(
     exact : bool
         Hold the state in fixed point with ``frac_bits`` fractional bits and an
         information buffer: reconstruction is bit-exact. Requires ``reversible=True``.
-    frac_bits : int or (int, int)
-        Fractional bits of ``s0`` and ``s1`` (one int: both). A slot whose values are much
-        smaller than the other's (a velocity ``v = h u`` with a small step ``h``) keeps more
-        digits with more bits; a shift from it onto a slot with fewer bits is rounded there.
+    frac_bits : None, int or (int, int)
+        Fractional bits of ``s0`` and ``s1`` (one int: both; ``None``: by dtype,
+        :func:`default_frac_bits`). A slot whose values are much smaller than the other's (a
+        velocity ``v = h u`` with a small step ``h``) keeps more digits with more bits; a
+        shift from it onto a slot with fewer bits is rounded there.
     """
+    how = strategy(reversible, exact, frac_bits)
     steps = _check_steps(steps)
     s0, s1 = _check_state(state)
     args = tuple(args)
-    if not reversible:
-        if exact:
-            raise ValueError(
-                "exact=True needs reversible=True: exact arithmetic serves reconstruction, "
-                "which only the reversible engine performs"
-            )
-        s = (s0, s1)
-        for step in steps:
-            s = apply_step(step, s, args)
-        return s
-    if exact:
-        _check_invertible(steps)
+    if not how.reversible:
+        return _apply_chain(steps, (s0, s1), args)[-1]
+    _refuse_functorch((s0, s1, *args))
+    couplings = _step_couplings(steps)
+    runs = _runs(steps, couplings)
+    if how.exact:
+        _log_amplification(runs)  # raises for a non-invertible coupling
     else:
-        _warn_amplification(steps, s0.dtype)
-    fp = _fixed_points(frac_bits) if exact else None
-    tensors, grad_index = _grad_tensors(steps, args)
-    chain = _Chain(steps, args, fp, grad_index)
-    out = _ReversibleFunction.apply(chain, s0, s1, *tensors)
-    if exact:
-        _remember(out, chain)
+        _warn_amplification(runs, s0.dtype)
+    fps = _fixed_points(how.frac_bits, s0.dtype) if how.exact else None
+    plan = Plan(steps, couplings, args, fps, how, s0)
+    out = _ReversibleFunction.apply(plan, s0, s1, *plan.tensors)
+    _remember(out, plan)
     return out
+
+
+def _reverse_float(steps, couplings, s: list, args, plan: Plan | None, reads, devices):
+    """Float inversion in reverse order; with the forward's plan its random numbers and
+    buffers are replayed, without one a step that draws random numbers is refused."""
+    n = len(steps)
+    for i in range(n - 1, -1, -1):
+        step = steps.step if isinstance(steps, StepGrid) else steps[i]
+        cs = steps.couplings(i) if couplings is None else couplings[i]
+        if step.swap:
+            s = [s[1], s[0]]
+        rng = plan.rng[i] if plan is not None else None
+        snap = plan.snapshots[i] if plan is not None else None
+        before = _get_rng(devices) if plan is None else None
+        with _replay_rng(rng, devices), _replay_buffers(snap, reads[id(step)], True):
+            for c in reversed(cs):
+                s[c.target] = invert_coupling(c, s, args)
+        if before is not None and _rng_signature(_get_rng(devices)) != _rng_signature(before):
+            raise RuntimeError(
+                f"step {i} draws random numbers (dropout in train mode?), and these states are "
+                f"not the outputs of a forward whose random numbers could be replayed: pass "
+                f"the very tensors the forward returned, or call net.eval() first"
+            )
+    return s
 
 
 def reverse(
@@ -745,55 +1057,106 @@ def reverse(
 ) -> State:
     """Invert the chain: from the final pair, recover the initial one (no gradients).
 
-    In exact mode ``state`` must be the very output pair of an exact :func:`integrate` call,
-    whose information buffer the engine remembers; the recovered pair is bit-identical to the
-    input of that call (in the fixed-point representation).
+    When ``state`` is the very output pair of a reversible :func:`integrate` call, the
+    inversion uses that forward's plan: its couplings, random numbers (dropout) and buffers.
+    In exact mode it must be, and the recovered pair is bit-identical to the input of that
+    call (in the fixed-point representation). In float mode any pair can be inverted by a
+    chain that draws no random numbers. The inversion never changes a module's buffers.
     """
     steps = _check_steps(steps)
     s0, s1 = _check_state(state)
     args = tuple(args)
-    _check_invertible(steps)
-    if not exact:
-        s = (s0, s1)
-        with torch.no_grad():
-            for step in reversed(steps):
-                with _frozen_batchnorm(step):
-                    s = invert_step(step, s, args)
-        return s
-    chain = information_buffer(s0, s1)
-    if chain is None:
-        raise ValueError(
-            "exact inversion needs the information buffer of the exact forward that produced "
-            "this state: pass the very tensors returned by the forward (not copies)"
-        )
-    fps, buf, dtype = chain.exact, chain.buffer.reader(), s0.dtype
-    q = list(chain.final)  # the decoded floats may hold fewer bits than the fixed point
-    with torch.no_grad():
-        for step in reversed(steps):
+    plan = _record(s0, s1)
+    if plan is not None and (plan.steps is not steps and list(plan.steps) != list(steps)):
+        plan = None
+    if exact:
+        if plan is None or plan.exact is None:
+            information_buffer(s0, s1)  # raises if the outputs were modified in place
+            raise ValueError(
+                "exact inversion needs the information buffer of the exact forward that "
+                "produced this state: pass the very tensors returned by the forward (not copies)"
+            )
+        return _reverse_exact(plan, args if args else plan.args, s0.dtype)
+    if plan is not None and plan.exact is not None:
+        plan = None  # an exact forward inverted in float arithmetic: use no exact records
+    couplings = plan.couplings if plan is not None else _step_couplings(steps)
+    _log_amplification(_runs(steps, couplings))
+    reads = plan.reads if plan is not None else _distinct_reads(steps)
+    devices = _rng_devices(s0)
+    autocast = plan.autocast if plan is not None else _autocast_state(s0.device.type)
+    flags = plan.training if plan is not None else ()
+    with torch.no_grad(), _replay_autocast(autocast), _training_flags(flags):
+        s = _reverse_float(steps, couplings, [s0, s1], args, plan, reads, devices)
+    return s[0], s[1]
+
+
+def _distinct_reads(steps) -> dict:
+    distinct = [steps.step] if isinstance(steps, StepGrid) else steps
+    return {id(s): _walk(s) for s in distinct}
+
+
+@contextlib.contextmanager
+def _training_flags(flags):
+    saved = []
+    try:
+        for m, flag in flags:
+            if m.training is not flag:
+                saved.append((m, m.training))
+                m.training = flag
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _reverse_exact(plan: Plan, args, dtype) -> State:
+    plan.check_unmodified()
+    fps, buf = plan.exact, plan.buffer.reader()
+    q = list(plan.final)  # the decoded floats may hold fewer bits than the fixed point
+    with torch.no_grad(), _replay_autocast(plan.autocast), _installed(plan, {}):
+        for i in range(len(plan) - 1, -1, -1):
+            step = plan.step(i)
             if step.swap:
                 q = [q[1], q[0]]
-            with _frozen_batchnorm(step):
-                for e in reversed(_exact_couplings(step, fps, chain.compiled)):
+            with _replay_rng(plan.rng[i], plan.devices), \
+                    _replay_buffers(plan.snapshots[i], plan.reads[id(step)], True):
+                for c in reversed(plan.couplings_of(i)):
+                    e = _compile_exact(c, fps, plan.compiled)
                     t, o = e.t, e.o
                     new = q[t]
                     if e.shift:
                         new = torch.sub(new, q[o], alpha=e.shift)
                     elif e.shift_rounded:
                         new = torch.sub(new, torch.mul(q[o], e.shift_rounded).round_())
-                    if e.c.phi is not None:
-                        p = e.c.phi(fps[o].decode(q[o], dtype), *args)
+                    if c.phi is not None:
+                        p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                         new = new - fps[t].quantize(p)
                     q[t] = buf.unscale(new, *e.mult) if e.mult is not None else new
-    _verify_reconstruction(chain, q)
+    _verify_reconstruction(plan, q)
     return fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)
+
+
+def _apply_chain(steps, s: State, args: tuple, keep: bool = False) -> list[State]:
+    """The chain in plain (differentiable) float arithmetic: the last pair, or every pair."""
+    out = [s]
+    for i in range(len(steps)):
+        if isinstance(steps, StepGrid):
+            step, couplings = steps.step, steps.couplings(i)
+        else:
+            step = steps[i]
+            couplings = step.couplings()
+        x = list(s)
+        for c in couplings:
+            x[c.target] = coupling_update(c, x, args)
+        s = (x[1], x[0]) if step.swap else (x[0], x[1])
+        if keep:
+            out.append(s)
+        else:
+            out[0] = s
+    return out
 
 
 def trajectory(steps: Sequence[ReversibleStep], state: State, args: tuple = ()) -> list[State]:
     """All intermediate pairs ``[s_0, s_1, ..., s_N]`` (plain autograd, for plots)."""
-    steps = _check_steps(steps)
-    s = _check_state(state)
-    out = [s]
-    for step in steps:
-        s = apply_step(step, s, tuple(args))
-        out.append(s)
-    return out
+    return _apply_chain(_check_steps(steps), _check_state(state), tuple(args), keep=True)
+

@@ -34,24 +34,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from numbers import Real
 
 import torch
 import torchdiffeq
 from torch import nn
 
+from . import reversible as engine
 from .conventions import eps_to_gamma
 from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
-from .steps import Coupling, MomentumStep, StepGrid
+from .reversible import DEFAULT_FRAC_BITS_FLOAT64, Strategy, adjoint_strategy
+from .steps import Coupling, ReversibleStep, StepGrid
 
 __all__ = ["odeint", "solve", "Field", "MethodInfo", "METHODS", "known_methods", "momentum_grid"]
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
-# Default fractional bits of x for adjoint="reversible" on float64 states: the gradients then
-# match float64 autograd on the same grid to about 1e-11 relative (benchmarks/bench_odeint.py),
-# for a range |x|, |u| < 2^(46 - 38) = 256. float32 states keep mode.exact.DEFAULT_FRAC_BITS.
-DEFAULT_FRAC_BITS_FLOAT64 = 38
+# Default fractional bits of x for adjoint="reversible" are the engine's by dtype (38 for
+# float64 states: gradients within about 1e-11 of float64 autograd on the same grid,
+# benchmarks/bench_odeint.py, for a range |x|, |u| < 2^(46 - 38) = 256; 32 otherwise).
 
 
 # ----------------------------------------------------------------------------- method registry
@@ -319,60 +321,49 @@ def momentum_grid(t: Sequence[float], step_size: float | None) -> list[tuple[flo
     return out
 
 
-class _GridMomentumStep(MomentumStep):
-    """The momentum layer ``MomentumStep(h F(t_n, .), gamma)`` of an odeint grid, for every
-    ``t_n`` at once: :class:`~mode.steps.StepGrid` sets ``t_n`` before each use. ``field`` is
-    a submodule, so the engine finds its parameters and BatchNorms. The state is flat (a
-    tuple state is concatenated)."""
+class _GridMomentumStep(ReversibleStep):
+    """The momentum layer of an odeint interval of step ``h`` on the flat state ``(x, w)``,
+    ``w = h_ref u``, at every time of its grid (a :class:`~mode.steps.StepGrid`):
 
-    def __init__(self, field: Field, h: float, shapes, gamma: float | torch.Tensor = 1.0):
-        super().__init__(self._scaled_field, gamma)
-        self.field = field
-        self.h = h
-        self.shapes = shapes
-        # plain attributes (not nn.Module's slower paths): set and read once per step
-        self.__dict__["t_n"] = None
-        self.__dict__["_call_field"] = field.__call__
+        w <- gamma w + ((1 - gamma) h_ref) F(t_n, x),    x <- x + rho w,
 
-    def set_time(self, t_n: torch.Tensor) -> None:
-        self.__dict__["t_n"] = t_n
-
-    def _field(self, x: torch.Tensor) -> torch.Tensor:
-        """``F(t_n, x)`` on the flat state (the Field checks its shapes)."""
-        if len(self.shapes) == 1:
-            return self._call_field(self.t_n, (x,))[0]
-        return _flatten(self._call_field(self.t_n, _unflatten(x, self.shapes)))
-
-    def _scaled_field(self, x: torch.Tensor) -> torch.Tensor:
-        return self.h * self._field(x)
-
-    def _increment(self, x: torch.Tensor) -> torch.Tensor:
-        """``(1 - gamma) f_n(x) = ((1 - gamma) h) F(t_n, x)``: one multiplication, not two."""
-        return ((1 - self.gamma) * self.h) * self._field(x)
-
-
-class _StretchedMomentumStep(_GridMomentumStep):
-    """A momentum step of size ``h = rho h_ref`` on ``(x, w)``, ``w = h_ref u``:
-
-        w <- gamma w + (1 - gamma) h_ref F(t_n, x),    x <- x + rho w,
-
-    i.e. the momentum rule on ``(x, v = rho w)``. On a grid whose intervals have different
-    sub-steps the velocity is kept on the smallest step ``h_ref``, so no step ever scales a
-    state by more than 1 (which the exact fixed-point mode cannot invert).
+    the momentum rule on ``(x, v = rho w)`` with ``h = rho h_ref`` (``rho = 1`` on a uniform
+    grid). On a grid whose intervals have different sub-steps the velocity is kept on the
+    smallest step ``h_ref``, so no step ever scales a state by more than 1 (which exact mode
+    cannot invert). Built per call with its ``gamma``: a value, never changed. ``field`` is a
+    submodule, so the engine finds its parameters and buffers.
     """
 
-    def __init__(self, field: Field, h_ref: float, shapes, rho: float):
-        super().__init__(field, h_ref, shapes)
-        self.rho = rho
+    def __init__(self, field: Field, h_ref: float, shapes, gamma: float | torch.Tensor,
+                 rho: float = 1.0):
+        super().__init__()
+        self.field = field
+        self.shapes = shapes
+        # plain attributes (not nn.Module's slower paths)
+        self.__dict__.update(gamma=gamma, h_ref=h_ref, rho=rho, _call_field=field.__call__)
+        self.__dict__["scale"] = (1 - gamma) * h_ref  # one multiplication of F, not two
+
+    def _field(self, t_n: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``F(t_n, x)`` on the flat state (the Field checks its shapes)."""
+        if len(self.shapes) == 1:
+            return self._call_field(t_n, (x,))[0]
+        return _flatten(self._call_field(t_n, _unflatten(x, self.shapes)))
 
     def _stretch(self, w: torch.Tensor) -> torch.Tensor:
         return self.rho * w
 
-    def couplings(self) -> Sequence[Coupling]:
-        return (
-            Coupling(target=1, alpha=self.gamma, phi=self._increment),
-            Coupling(target=0, alpha=1.0, phi=self._stretch),
-        )
+    def couplings_at(self, t_n: torch.Tensor) -> tuple[Coupling, Coupling]:
+        kick = Coupling(target=1, alpha=self.gamma, phi=partial(self._field, t_n),
+                        scale=self.scale)
+        if self.rho == 1.0:
+            return kick, Coupling(target=0, alpha=1.0, shift=1)
+        return kick, Coupling(target=0, alpha=1.0, phi=self._stretch)
+
+    def couplings(self) -> Sequence[Coupling]:  # pragma: no cover - the grid supplies times
+        raise TypeError("a grid momentum step has couplings only at a time: use its StepGrid")
+
+    def extra_repr(self) -> str:
+        return f"h={self.rho * self.h_ref:g}"
 
 
 def _flatten(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -388,11 +379,11 @@ def _unflatten(x: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _momentum_options(options: dict | None, adjoint) -> tuple[float | None, dict]:
-    """``(step_size, engine keywords)`` from the options of the momentum method."""
+def _momentum_options(options: dict | None, adjoint, frac_bits) -> tuple[float | None, Strategy]:
+    """``(step_size, gradient strategy)`` from the options of the momentum method."""
     options = {} if options is None else dict(options)
     step = options.pop("step_size", None)
-    frac_bits = options.pop("frac_bits", None)
+    option_bits = options.pop("frac_bits", None)
     if options:
         raise ValueError(
             f"options {sorted(options)} are not understood by method='momentum' "
@@ -404,56 +395,17 @@ def _momentum_options(options: dict | None, adjoint) -> tuple[float | None, dict
         if not isinstance(step, Real) or not (math.isfinite(step) and step > 0):
             raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
         step = float(step)
-    flags = {
-        False: dict(reversible=False, exact=False),
-        True: dict(reversible=True, exact=False),
-        "reversible": dict(reversible=True, exact=True),
-    }[adjoint]
-    if frac_bits is not None:
-        if adjoint != "reversible":
+    if option_bits is not None:
+        if frac_bits is not None and option_bits != frac_bits:
             raise ValueError(
-                f"options['frac_bits'] sets the fixed point of adjoint='reversible'; it has no "
-                f"meaning with adjoint={adjoint!r}"
+                f"frac_bits={frac_bits!r} and options['frac_bits']={option_bits!r} disagree; "
+                f"give one of them"
             )
-        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
-            raise TypeError(f"options['frac_bits'] must be an int, got {frac_bits!r}")
-        flags["frac_bits"] = frac_bits
-    return step, flags
+        frac_bits = option_bits
+    return step, adjoint_strategy(adjoint, frac_bits)
 
 
-def momentum_steps(
-    field: Field, t: torch.Tensor, step_size: float | None, shapes
-) -> tuple[list[tuple[float, float, int]], list[StepGrid]]:
-    """The grid and, per interval, its momentum layers ``MomentumStep(h F(t_n, .), gamma)``.
-
-    Each interval is a :class:`~mode.steps.StepGrid`: one step module at the interval's
-    times, so memory does not grow with the number of steps. ``gamma`` is a placeholder (1.0)
-    that :func:`_set_gammas` replaces at every call. When the intervals have different
-    sub-steps ``h_k``, the velocity is carried as ``h_ref u`` with ``h_ref = min h_k`` and
-    longer steps are :class:`_StretchedMomentumStep`. Cached on the field for the grid.
-    """
-    key = (tuple(t.tolist()), step_size, t.dtype, t.device, shapes)
-    cache = field.__dict__.setdefault("_momentum_cache", {})
-    if key in cache:
-        return cache[key]
-    grid = momentum_grid(list(key[0]), step_size)
-    h_ref = min(h for _, h, _ in grid)
-    chains = []
-    for a, h, m in grid:
-        times = torch.tensor([a + j * h for j in range(m)], dtype=t.dtype, device=t.device)
-        if h == h_ref:
-            step = _GridMomentumStep(field, h_ref, shapes)
-        else:
-            step = _StretchedMomentumStep(field, h_ref, shapes, h / h_ref)
-        chains.append(StepGrid(step, times, step.set_time))
-    if len(cache) >= 4:
-        cache.pop(next(iter(cache)))
-    cache[key] = (grid, chains)
-    return grid, chains
-
-
-def _set_gammas(grid, chains, eps: float | torch.Tensor) -> None:
-    """``gamma = eps_to_gamma(eps, depth=1, horizon=h)`` on every step (``eps = 0``: 0)."""
+def _check_momentum_eps(grid, eps: float | torch.Tensor) -> None:
     eps_value = float(eps.detach()) if isinstance(eps, torch.Tensor) else float(eps)
     hmax = max(h for _, h, _ in grid)
     if eps_value > 0 and eps_value < hmax * (1 - 1e-12):
@@ -461,11 +413,33 @@ def _set_gammas(grid, chains, eps: float | torch.Tensor) -> None:
             f"method='momentum' needs a step size h <= eps (gamma = 1 - h/eps >= 0); got "
             f"eps={eps_value} and h={hmax}. Pass options={{'step_size': h}} with h <= {eps_value}"
         )
+
+
+def momentum_steps(
+    field: Field, t: torch.Tensor, step_size: float | None, shapes, eps: float | torch.Tensor
+) -> tuple[list[tuple[float, float, int]], list[StepGrid]]:
+    """The grid and, per interval, its momentum layers with
+    ``gamma = eps_to_gamma(eps, depth=1, horizon=h)`` (``eps = 0``: 0, forward Euler).
+
+    Each interval is a :class:`~mode.steps.StepGrid`: one step module at the interval's
+    times, so memory does not grow with the number of steps. Built anew at every call, so a
+    call's grid (its ``gamma`` and times) is never changed by a later one. When the intervals
+    have different sub-steps ``h_k``, the velocity is carried as ``h_ref u`` with
+    ``h_ref = min h_k`` and longer steps stretch it (:class:`_GridMomentumStep`).
+    """
+    grid = momentum_grid(t.tolist(), step_size)
+    _check_momentum_eps(grid, eps)
+    eps_value = float(eps.detach()) if isinstance(eps, torch.Tensor) else float(eps)
+    h_ref = min(h for _, h, _ in grid)
     gammas: dict[float, float | torch.Tensor] = {}
-    for (_, h, _), chain in zip(grid, chains, strict=True):
+    chains = []
+    for a, h, m in grid:
         if h not in gammas:
             gammas[h] = 0.0 if eps_value == 0 else eps_to_gamma(eps, depth=1, horizon=h)
-        chain.step.gamma = gammas[h]
+        times = torch.tensor([a + j * h for j in range(m)], dtype=t.dtype, device=t.device)
+        step = _GridMomentumStep(field, h_ref, shapes, gammas[h], h / h_ref)
+        chains.append(StepGrid(step, times, step.couplings_at))
+    return grid, chains
 
 
 def fixed_point_bits(frac_bits: int | None, dtype: torch.dtype, h: float) -> tuple[int, int]:
@@ -491,23 +465,20 @@ def fixed_point_bits(frac_bits: int | None, dtype: torch.dtype, h: float) -> tup
 
 
 def _integrate_momentum(
-    field: Field, xs, us, t, eps, step_size, flags
+    field: Field, xs, us, t, eps, step_size, how: Strategy
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
-    from . import reversible as engine  # the lead's engine
-
     shapes = tuple(c.shape for c in xs)
     single = len(xs) == 1
-    grid, chains = momentum_steps(field, t, step_size, shapes)
-    _set_gammas(grid, chains, eps)
+    grid, chains = momentum_steps(field, t, step_size, shapes, eps)
     x = xs[0] if single else _flatten(xs)
     u = us[0] if single else _flatten(us)
     h_ref = min(h for _, h, _ in grid)
-    if flags.get("exact"):
-        flags = dict(flags, frac_bits=fixed_point_bits(flags.get("frac_bits"), x.dtype, h_ref))
+    bits = fixed_point_bits(how.frac_bits, x.dtype, h_ref) if how.exact else None
     v = h_ref * u
     out_x, out_u = [x], [u]
     for steps in chains:
-        x, v = engine.integrate(steps, (x, v), (), **flags)
+        x, v = engine.integrate(steps, (x, v), (), reversible=how.reversible, exact=how.exact,
+                                frac_bits=bits)
         out_x.append(x)
         out_u.append(v / h_ref)
     unpack = (lambda z: (z,)) if single else (lambda z: _unflatten(z, shapes))
@@ -530,6 +501,7 @@ def solve(
     options: dict | None = None,
     adjoint: bool | str = False,
     return_velocity: bool = False,
+    frac_bits: int | None = None,
 ):
     """:func:`odeint` on an existing :class:`Field` (shared by the ``nn.Module`` front ends)."""
     xs = _check_x0(x0)
@@ -552,14 +524,19 @@ def solve(
                 "t requires grad, but method='momentum' runs on a fixed grid built from the "
                 "values of t and gives no gradient with respect to t; pass t.detach()"
             )
-        step_size, flags = _momentum_options(options, adjoint)
+        step_size, how = _momentum_options(options, adjoint, frac_bits)
         if t.numel() == 1:
             traj_x, traj_u = [xs], [us]
         else:
-            traj_x, traj_u = _integrate_momentum(field, xs, us, t, eps, step_size, flags)
+            traj_x, traj_u = _integrate_momentum(field, xs, us, t, eps, step_size, how)
         sol_x = tuple(torch.stack([s[i] for s in traj_x]) for i in range(m))
         sol_u = tuple(torch.stack([s[i] for s in traj_u]) for i in range(m))
     else:
+        if frac_bits is not None:
+            raise ValueError(
+                f"frac_bits sets the fixed point of method='momentum' with adjoint='reversible'; "
+                f"it has no meaning for method={method!r}"
+            )
         solver = torchdiffeq.odeint_adjoint if adjoint is True else torchdiffeq.odeint
         kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
         if eps_value == 0:
@@ -600,6 +577,7 @@ def odeint(
     options: dict | None = None,
     adjoint: bool | str = False,
     return_velocity: bool = False,
+    frac_bits: int | None = None,
 ):
     """Solve ``eps x'' + x' = func(t, x)`` (``eps > 0``) or ``x' = func(t, x)`` (``eps = 0``).
 
@@ -638,6 +616,9 @@ def odeint(
         bit-exact fixed-point reconstruction, memory independent of the number of steps and
         gradients of the fixed-point forward (float64: within about 1e-11 relative of float
         autograd on the same grid; ``options["frac_bits"]`` trades range for digits).
+    frac_bits : int, optional
+        With ``adjoint="reversible"``: fractional bits of ``x`` in fixed point, as the networks'
+        ``frac_bits`` (``options["frac_bits"]`` is the same setting).
     return_velocity : bool
         Also return ``u = x'`` at the output times (momentum: ``v_n / h``; ``eps = 0``:
         ``F(t_k, x(t_k))``, one extra evaluation per output time).
@@ -650,5 +631,5 @@ def odeint(
     shapes = tuple(c.shape for c in _check_x0(x0))
     return solve(
         Field(func, shapes), x0, t, eps=eps, u0=u0, method=method, rtol=rtol, atol=atol,
-        options=options, adjoint=adjoint, return_velocity=return_velocity,
+        options=options, adjoint=adjoint, return_velocity=return_velocity, frac_bits=frac_bits,
     )

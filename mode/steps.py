@@ -40,7 +40,9 @@ __all__ = [
     "MomentumStep",
     "StepGrid",
     "coupling_update",
+    "scaled_phi",
     "apply_step",
+    "invert_coupling",
     "invert_step",
 ]
 
@@ -48,12 +50,20 @@ State = tuple[torch.Tensor, torch.Tensor]
 
 
 class Coupling(NamedTuple):
-    """``s[target] <- alpha * s[target] + shift * s[1 - target] + phi(s[1 - target], *args)``."""
+    """``s[t] <- alpha s[t] + shift s[o] + scale phi(s[o], *args)``, ``t = target, o = 1 - t``.
+
+    ``alpha`` and ``scale`` are floats or 0-dim tensors (which may require grad); ``shift`` is a
+    small integer. The engine captures a coupling when the forward runs and uses that very
+    value in the backward pass: ``phi`` may read the parameters and buffers of its modules (the
+    engine restores those the forward saw), but every other coefficient belongs in ``alpha``,
+    ``scale`` or the closure itself, never in mutable Python state read at call time.
+    """
 
     target: int
     alpha: float | torch.Tensor = 1.0
     shift: int = 0
     phi: Callable[..., torch.Tensor] | None = None
+    scale: float | torch.Tensor = 1.0
 
 
 def _alpha_value(alpha: float | torch.Tensor) -> float:
@@ -66,6 +76,7 @@ class ReversibleStep(nn.Module):
     Subclasses implement :meth:`couplings` (and set ``swap = True`` if the pair is exchanged
     at the end). ``forward`` and ``inverse`` are derived; ``mode.reversible.integrate`` runs
     a sequence of steps with depth-independent memory and, optionally, bit-exact arithmetic.
+    ``mode.check_reversible`` checks a step of one's own against autograd.
     """
 
     swap: bool = False
@@ -91,15 +102,24 @@ def _check_phi_output(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def scaled_phi(c: Coupling, other: torch.Tensor, args: tuple = (), scale=None) -> torch.Tensor:
+    """``scale * phi(other, *args)`` (``scale`` defaults to ``c.scale``; 1 multiplies nothing)."""
+    p = _check_phi_output(c.phi(other, *args), other)
+    scale = c.scale if scale is None else scale
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        p = scale * p
+    return p
+
+
 def coupling_update(c: Coupling, s: Sequence[torch.Tensor], args: tuple = ()) -> torch.Tensor:
-    """The new value of ``s[c.target]``: ``alpha s[t] + shift s[o] + phi(s[o], *args)``.
+    """The new value of ``s[c.target]``: ``alpha s[t] + shift s[o] + scale phi(s[o], *args)``.
 
     The one float implementation of a coupling, shared by autograd and the reversible engine so
     that both compute bit-identical forward passes.
     """
     other, new = s[1 - c.target], s[c.target]
     if c.phi is not None:
-        p = _check_phi_output(c.phi(other, *args), other)
+        p = scaled_phi(c, other, args)
         if isinstance(c.alpha, torch.Tensor):
             new = torch.addcmul(p, new, c.alpha)
         else:
@@ -119,25 +139,30 @@ def apply_step(step: ReversibleStep, state: State, args: tuple = ()) -> State:
     return (s[1], s[0]) if step.swap else (s[0], s[1])
 
 
+def invert_coupling(c: Coupling, s: list[torch.Tensor], args: tuple = ()) -> torch.Tensor:
+    """The value of ``s[c.target]`` before the coupling, in float arithmetic."""
+    a = _alpha_value(c.alpha)
+    if a == 0.0:
+        raise ValueError(
+            "cannot invert a coupling with alpha = 0 (for a momentum step: gamma = 0 is a "
+            "plain ResNet, which has no inverse)"
+        )
+    other = s[1 - c.target]
+    new = s[c.target]
+    if c.shift:
+        new = new - c.shift * other
+    if c.phi is not None:
+        new = new - scaled_phi(c, other, args)
+    return new / c.alpha if a != 1.0 else new
+
+
 def invert_step(step: ReversibleStep, state: State, args: tuple = ()) -> State:
     """Undo :func:`apply_step` in float arithmetic (couplings in reverse order)."""
     s = list(state)
     if step.swap:
         s = [s[1], s[0]]
     for c in reversed(step.couplings()):
-        a = _alpha_value(c.alpha)
-        if a == 0.0:
-            raise ValueError(
-                "cannot invert a coupling with alpha = 0 (for a momentum step: gamma = 0 is a "
-                "plain ResNet, which has no inverse)"
-            )
-        other = s[1 - c.target]
-        new = s[c.target]
-        if c.shift:
-            new = new - c.shift * other
-        if c.phi is not None:
-            new = new - _check_phi_output(c.phi(other, *args), other)
-        s[c.target] = new / c.alpha if a != 1.0 else new
+        s[c.target] = invert_coupling(c, s, args)
     return s[0], s[1]
 
 
@@ -161,12 +186,10 @@ class MomentumStep(ReversibleStep):
         self.function = function
         self.gamma = gamma
 
-    def _increment(self, x: torch.Tensor, *args) -> torch.Tensor:
-        return (1 - self.gamma) * _check_phi_output(self.function(x, *args), x)
-
     def couplings(self) -> Sequence[Coupling]:
+        g = self.gamma
         return (
-            Coupling(target=1, alpha=self.gamma, phi=self._increment),
+            Coupling(target=1, alpha=g, phi=self.function, scale=1 - g),
             Coupling(target=0, alpha=1.0, shift=1),
         )
 
@@ -180,22 +203,23 @@ class StepGrid(Sequence[ReversibleStep]):
     """One step module applied at the times of a grid: a chain of ``len(times)`` steps that
     costs one module, not one per step.
 
-    Item ``j`` calls ``set_time(times[j])`` and returns the module, so a time-dependent step
-    (``h F(t_n, x)`` of an ODE solver) is ready for use. The engine uses each item before it
-    takes the next, in forward and in reverse order; do not hold two items at once.
+    Item ``j`` is the module; ``couplings(j)`` are its couplings at ``times[j]``, made by
+    ``couplings_at(times[j])`` (a time-dependent step, ``h F(t_n, x)`` of an ODE solver, bakes
+    ``t_n`` into them). A grid is a value: build a new one rather than change one.
 
     Parameters
     ----------
     step : ReversibleStep
-        The shared step (its parameters, BatchNorms and caches are the chain's).
+        The shared step (its parameters, buffers and modules are the chain's).
     times : 1-D tensor
         One time per step.
-    set_time : callable
-        ``set_time(t_j)`` makes ``step`` the step at time ``t_j`` (a 0-dim tensor).
+    couplings_at : callable
+        ``couplings_at(t_j) -> Sequence[Coupling]`` for a 0-dim tensor ``t_j``; the same
+        ``alpha``, ``shift`` and ``scale`` at every time.
     """
 
-    def __init__(self, step: ReversibleStep, times: torch.Tensor, set_time: Callable):
-        self.step, self.times, self.set_time = step, times, set_time
+    def __init__(self, step: ReversibleStep, times: torch.Tensor, couplings_at: Callable):
+        self.step, self.times, self.couplings_at = step, times, couplings_at
 
     def __len__(self) -> int:
         return self.times.shape[0]
@@ -203,8 +227,13 @@ class StepGrid(Sequence[ReversibleStep]):
     def __getitem__(self, j):
         if isinstance(j, slice):
             raise TypeError("a StepGrid is indexed by integers only")
-        self.set_time(self.times.select(0, j))
+        if not -len(self) <= j < len(self):
+            raise IndexError(f"step {j} of a grid of {len(self)}")
         return self.step
+
+    def couplings(self, j: int) -> Sequence[Coupling]:
+        """The couplings of step ``j``: those of the module at ``times[j]``."""
+        return tuple(self.couplings_at(self.times.select(0, j)))
 
     def __repr__(self) -> str:
         return f"StepGrid({self.step!r}, {len(self)} times)"

@@ -262,13 +262,12 @@ def test_information_buffer_does_not_grow_with_steps():
     x0 = torch.randn(32, 8, generator=g, dtype=torch.float64)
     v0 = torch.zeros_like(x0)
     from mode.solve import Field as Wrapped
-    from mode.solve import _set_gammas, momentum_steps
+    from mode.solve import momentum_steps
 
     nbytes = {}
     for n in (16, 256):
         wrapped = Wrapped(field)
-        grid, chains = momentum_steps(wrapped, T1, 1 / n, (x0.shape,))
-        _set_gammas(grid, chains, 0.25)
+        grid, chains = momentum_steps(wrapped, T1, 1 / n, (x0.shape,), 0.25)
         x, v = engine.integrate(chains[0], (x0.requires_grad_(), v0 / n), (), exact=True)
         record = engine.information_buffer(x, v)
         nbytes[n] = record.buffer.nbytes

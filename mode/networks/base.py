@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from .. import reversible as engine
-from ..exact import DEFAULT_FRAC_BITS
 from ..steps import ReversibleStep, State
 
 __all__ = ["ReversibleNet"]
@@ -53,15 +52,9 @@ class _Wrap(nn.Module):
 
 
 
-def _check_flags(reversible: bool, exact: bool) -> None:
-    for name, flag in (("reversible", reversible), ("exact", exact)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-    if exact and not reversible:
-        raise ValueError(
-            "exact=True needs reversible=True: exact arithmetic serves reconstruction, which "
-            "only the reversible engine performs"
-        )
+def _check_flags(reversible: bool, exact: bool, frac_bits=None) -> engine.Strategy:
+    """The networks' gradient flags, validated by the engine's one function."""
+    return engine.strategy(reversible, exact, frac_bits)
 
 
 class ReversibleNet(nn.Module):
@@ -77,8 +70,10 @@ class ReversibleNet(nn.Module):
         ``True``: no activations are stored; they are reconstructed in backward.
     exact : bool
         Bit-exact reconstruction in fixed point (``mode.exact``); needs ``reversible=True``.
-    frac_bits : int
-        Fractional bits of the fixed-point state in exact mode.
+    frac_bits : None, int or (int, int)
+        Fractional bits of the fixed-point state in exact mode; ``None``: by the state's dtype
+        (:func:`mode.reversible.default_frac_bits`: 38 for float64, range ``|s| < 256``; 32
+        otherwise, range ``|s| < 16384``).
     """
 
     def __init__(
@@ -87,10 +82,10 @@ class ReversibleNet(nn.Module):
         *,
         reversible: bool = True,
         exact: bool = False,
-        frac_bits: int = DEFAULT_FRAC_BITS,
+        frac_bits: int | tuple[int, int] | None = None,
     ):
         super().__init__()
-        _check_flags(reversible, exact)
+        _check_flags(reversible, exact, frac_bits)
         self.steps = nn.ModuleList(engine._check_steps(steps))
         self.reversible = reversible
         self.exact = exact

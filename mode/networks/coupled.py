@@ -57,7 +57,6 @@ from torch import nn
 
 from .. import reversible as engine
 from ..conventions import check_gamma
-from ..exact import DEFAULT_FRAC_BITS
 from ..steps import Coupling, ReversibleStep
 from .base import Function, ReversibleNet, _as_modules, _check_flags
 
@@ -345,9 +344,9 @@ class _CoupledNet(ReversibleNet):
     ``state_dict`` keys are those of the registered functions.
     """
 
-    def __init__(self, *, reversible: bool, exact: bool, frac_bits: int):
+    def __init__(self, *, reversible: bool, exact: bool, frac_bits):
         nn.Module.__init__(self)
-        _check_flags(reversible, exact)
+        _check_flags(reversible, exact, frac_bits)
         self.reversible = reversible
         self.exact = exact
         self.frac_bits = frac_bits
@@ -398,7 +397,7 @@ class RevNet(_CoupledNet):
 
     def __init__(self, F_functions: Sequence[Function], G_functions: Sequence[Function], *,
                  split_dim: int = 1, reversible: bool = True, exact: bool = False,
-                 frac_bits: int = DEFAULT_FRAC_BITS):
+                 frac_bits: int | tuple[int, int] | None = None):
         super().__init__(reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.F_functions = _as_modules(F_functions, "F_functions")
         self.G_functions = _as_modules(G_functions, "G_functions")
@@ -464,7 +463,7 @@ class _StepSizeNet(_CoupledNet):
     _out: int = 0
     _companion_name: str = ""
 
-    def __init__(self, h: float, *, reversible: bool, exact: bool, frac_bits: int):
+    def __init__(self, h: float, *, reversible: bool, exact: bool, frac_bits):
         super().__init__(reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.h = check_step_size(h)
 
@@ -521,7 +520,7 @@ class HamiltonianNet(_StepSizeNet):
 
     def __init__(self, F_functions: Sequence[Function], G_functions: Sequence[Function],
                  h: float, *, reversible: bool = True, exact: bool = False,
-                 frac_bits: int = DEFAULT_FRAC_BITS):
+                 frac_bits: int | tuple[int, int] | None = None):
         super().__init__(h, reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.F_functions = _as_modules(F_functions, "F_functions")
         self.G_functions = _as_modules(G_functions, "G_functions")
@@ -579,7 +578,7 @@ class _TwoStepNet(_StepSizeNet):
     _step: type[ReversibleStep]
 
     def __init__(self, functions: Sequence[Function], h: float, *, reversible: bool = True,
-                 exact: bool = False, frac_bits: int = DEFAULT_FRAC_BITS):
+                 exact: bool = False, frac_bits: int | tuple[int, int] | None = None):
         super().__init__(h, reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.functions = _as_modules(functions, "functions")
 
@@ -705,7 +704,7 @@ class MRevNet(_CoupledNet):
     def __init__(self, functions: Sequence[Function], gamma: float | torch.Tensor, *,
                  init_velocity: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reversible: bool = True, exact: bool = False,
-                 frac_bits: int = DEFAULT_FRAC_BITS):
+                 frac_bits: int | tuple[int, int] | None = None):
         super().__init__(reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.functions = _as_modules(functions, "functions")
         check_gamma(gamma)

@@ -16,7 +16,6 @@ from torch import nn
 
 from .. import reversible as engine
 from ..conventions import check_gamma, gamma_to_eps
-from ..exact import DEFAULT_FRAC_BITS
 from ..steps import MomentumStep
 from .base import ReversibleNet, _as_modules, _check_flags
 
@@ -47,8 +46,10 @@ class MomentumResNet(ReversibleNet):
     exact : bool
         Bit-exact reconstruction: states in int64 fixed point, multiplication by ``gamma`` as a
         rational with an information buffer (``mode.exact``). Needs ``reversible=True``.
-    frac_bits : int
-        Fractional bits of the fixed-point states in exact mode (range ``|x| < 2^(46 - F)``).
+    frac_bits : None, int or (int, int)
+        Fractional bits ``F`` of the fixed-point states in exact mode (range
+        ``|x|, |v| < 2^(46 - F)``). ``None`` (default): by dtype, 38 for float64 (range 256,
+        gradients at float64 round-off) and 32 otherwise (range 16384).
 
     Shapes
     ------
@@ -64,10 +65,10 @@ class MomentumResNet(ReversibleNet):
         init_velocity: Callable[[torch.Tensor], torch.Tensor] | None = None,
         reversible: bool = True,
         exact: bool = False,
-        frac_bits: int = DEFAULT_FRAC_BITS,
+        frac_bits: int | tuple[int, int] | None = None,
     ):
         nn.Module.__init__(self)
-        _check_flags(reversible, exact)
+        _check_flags(reversible, exact, frac_bits)
         functions = _as_modules(functions, "functions")
         if init_velocity is not None and not callable(init_velocity):
             raise TypeError(f"init_velocity must be callable, got {type(init_velocity).__name__}")
