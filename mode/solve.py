@@ -40,7 +40,7 @@ import torch
 import torchdiffeq
 from torch import nn
 
-from .conventions import eps_to_gamma
+from .conventions import check_real, eps_to_gamma
 from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
 from .steps import Coupling, MomentumStep, StepGrid
 
@@ -149,17 +149,12 @@ def _check_t(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
-    """Return eps as a float, or as a scalar tensor when it requires grad."""
-    if isinstance(eps, torch.Tensor):
-        if eps.numel() != 1:
-            raise ValueError(f"eps must be a scalar, got a tensor of shape {tuple(eps.shape)}")
-        if not eps.dtype.is_floating_point:
-            raise TypeError(f"eps must be a floating scalar, got dtype {eps.dtype}")
-        value = float(eps.detach())
-    elif isinstance(eps, Real) and not isinstance(eps, bool):
-        value = float(eps)
-    else:
-        raise TypeError(f"eps must be a float or a scalar tensor, got {type(eps).__name__}")
+    """Return eps as a float, or as a scalar tensor when it requires grad.
+
+    eps is a real number (not a bool or a string) or a one-element floating tensor (not a
+    complex or integer one): ``float()`` would read ``True`` as 1 and ``"0.5"`` as 0.5.
+    """
+    value = check_real(eps, "eps")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0 (0: first-order ODE), got {value}")
     if isinstance(eps, torch.Tensor) and eps.requires_grad:
