@@ -52,7 +52,8 @@ def check_real(
             raise TypeError(f"{name} must be {allowed}, got a tensor of dtype {x.dtype}")
         return float(x.detach())
     if isinstance(x, bool) or not isinstance(x, Real):
-        kind = "complex number" if isinstance(x, Complex) else type(x).__name__
+        complex_ = isinstance(x, Complex) and not isinstance(x, Real)  # bool is a Complex
+        kind = "complex number" if complex_ else type(x).__name__
         raise TypeError(f"{name} must be {allowed}, got {kind} {x!r}")
     return float(x)
 
