@@ -670,7 +670,7 @@ def odeint(
         ``t``) with ``f_n = h F(t_n, .)``, ``gamma = eps_to_gamma(eps, 1, h)``, ``v = h u``;
         needs ``h <= eps``. :func:`known_methods` lists them all. Beware torchdiffeq's
         ``"explicit_adams"`` (0.2.5): it misbehaves even on ``x' = -x`` with step 0.01 (``x(1)``
-        0.74 instead of 0.37, ``1e39`` by ``t = 5``); use ``"implicit_adams"`` or ``"rk4"``.
+        0.74 instead of 0.37, over ``1e39`` by ``t = 5``); use ``"implicit_adams"`` or ``"rk4"``.
     rtol, atol : float
         Tolerances of the adaptive torchdiffeq methods (fixed-grid methods ignore them).
     options : dict, optional
