@@ -396,7 +396,9 @@ def _changed(m: nn.Module, name: str, b: torch.Tensor, version: int, copy: torch
 
 def _snapshot_after(before) -> _Snapshot | None:
     """Keep the copies of the buffers that the step replaced or modified in place."""
-    changed = tuple((m, name, copy) for m, name, b, v, copy in before if _changed(m, name, b, v, copy))
+    changed = tuple(
+        (m, name, copy) for m, name, b, v, copy in before if _changed(m, name, b, v, copy)
+    )
     return _Snapshot(changed) if changed else None
 
 

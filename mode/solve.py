@@ -31,8 +31,9 @@ error amplified by about ``gamma^{-N}``, the analogue of an adjoint's approximat
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from numbers import Real
@@ -42,7 +43,7 @@ import torchdiffeq
 from torch import nn
 
 from . import reversible as engine
-from .conventions import eps_to_gamma
+from .conventions import check_real, eps_to_gamma
 from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
 from .reversible import DEFAULT_FRAC_BITS_FLOAT64, Strategy, adjoint_strategy
 from .steps import Coupling, ReversibleStep, StepGrid
@@ -63,9 +64,11 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 class MethodInfo:
     """What the library knows about an integration method.
 
-    ``family`` is ``"adaptive"`` or ``"fixed"`` (torchdiffeq) or ``"discrete"`` (the momentum
-    rule); ``order`` is the classical order of accuracy (``None`` when variable); ``reversible``
-    says whether ``adjoint="reversible"`` is available.
+    ``family`` is ``"adaptive"`` or ``"fixed"`` (torchdiffeq methods mode has metadata for),
+    ``"discrete"`` (the momentum rule) or ``"torchdiffeq"`` (a method the installed torchdiffeq
+    registers that mode has no metadata for: accepted and passed through, order unknown);
+    ``order`` is the classical order of accuracy (``None`` when variable or unknown);
+    ``reversible`` says whether ``adjoint="reversible"`` is available.
     """
 
     name: str
@@ -75,6 +78,9 @@ class MethodInfo:
     description: str = ""
 
 
+# Metadata for the methods mode knows (torchdiffeq 0.2.5's and its own). Which methods odeint
+# accepts is not this table but the installed torchdiffeq's registry, read at call time
+# (known_methods): a method that a newer torchdiffeq adds is accepted without an entry here.
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
@@ -88,7 +94,12 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("heun2", "fixed", 2, description="Heun's method, torchdiffeq"),
         MethodInfo("heun3", "fixed", 3, description="Heun's third-order method, torchdiffeq"),
         MethodInfo("rk4", "fixed", 4, description="Runge-Kutta 4 (3/8 rule), torchdiffeq"),
-        MethodInfo("explicit_adams", "fixed", None, description="Adams-Bashforth, torchdiffeq"),
+        MethodInfo(
+            "explicit_adams", "fixed", None,
+            description="Adams-Bashforth, torchdiffeq. Known to misbehave (torchdiffeq 0.2.5): "
+            "on x' = -x with step_size 0.01 it ends at 0.74 instead of exp(-1) = 0.37 at t = 1 "
+            "and grows past 1e39 by t = 5; prefer implicit_adams or rk4",
+        ),
         MethodInfo("implicit_adams", "fixed", None, description="Adams-Bashforth-Moulton"),
         MethodInfo("fixed_adams", "fixed", None, description="alias of implicit_adams"),
         MethodInfo("scipy_solver", "adaptive", None, description="scipy solve_ivp (no autograd)"),
@@ -98,13 +109,35 @@ METHODS: dict[str, MethodInfo] = {
         ),
     )
 }
+# The torchdiffeq methods mode has metadata for; also the fallback list of accepted methods
+# when the installed torchdiffeq's registry cannot be read.
 TORCHDIFFEQ_METHODS = tuple(name for name, m in METHODS.items() if m.family != "discrete")
 _ADJOINT_CHOICES = (False, True, "reversible")
+# Where torchdiffeq keeps its name -> solver registry (private; 0.2.x: _impl/odeint.py).
+_TORCHDIFFEQ_REGISTRY = ("torchdiffeq._impl.odeint", "SOLVERS")
+
+
+def _torchdiffeq_methods() -> tuple[str, ...]:
+    """The method names the installed torchdiffeq registers, read now.
+
+    The registry is private to torchdiffeq; if it has moved or is not a mapping of names, the
+    names mode knows (:data:`TORCHDIFFEQ_METHODS`) are used instead.
+    """
+    module_name, attribute = _TORCHDIFFEQ_REGISTRY
+    try:
+        registry = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError):
+        return TORCHDIFFEQ_METHODS
+    if not isinstance(registry, Mapping):
+        return TORCHDIFFEQ_METHODS
+    names = tuple(name for name in registry if isinstance(name, str) and name != "momentum")
+    return names or TORCHDIFFEQ_METHODS
 
 
 def known_methods() -> tuple[str, ...]:
-    """Names accepted by ``odeint(..., method=...)``."""
-    return tuple(METHODS)
+    """Names accepted by ``odeint(..., method=...)`` now: the installed torchdiffeq's methods
+    (in its registry's order) and ``"momentum"``."""
+    return (*_torchdiffeq_methods(), "momentum")
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -151,17 +184,12 @@ def _check_t(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
-    """Return eps as a float, or as a scalar tensor when it requires grad."""
-    if isinstance(eps, torch.Tensor):
-        if eps.numel() != 1:
-            raise ValueError(f"eps must be a scalar, got a tensor of shape {tuple(eps.shape)}")
-        if not eps.dtype.is_floating_point:
-            raise TypeError(f"eps must be a floating scalar, got dtype {eps.dtype}")
-        value = float(eps.detach())
-    elif isinstance(eps, Real) and not isinstance(eps, bool):
-        value = float(eps)
-    else:
-        raise TypeError(f"eps must be a float or a scalar tensor, got {type(eps).__name__}")
+    """Return eps as a float, or as a scalar tensor when it requires grad.
+
+    eps is a real number (not a bool or a string) or a one-element floating tensor (not a
+    complex or integer one): ``float()`` would read ``True`` as 1 and ``"0.5"`` as 0.5.
+    """
+    value = check_real(eps, "eps")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0 (0: first-order ODE), got {value}")
     if isinstance(eps, torch.Tensor) and eps.requires_grad:
@@ -187,9 +215,25 @@ def _check_u0(u0: State | None, xs: tuple[torch.Tensor, ...], eps_value: float):
 
 
 def _check_method(method: str) -> MethodInfo:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; known methods: {', '.join(METHODS)}")
-    return METHODS[method]
+    if not isinstance(method, str):
+        raise ValueError(
+            f"method must be a string naming a method, got {type(method).__name__} {method!r}; "
+            f"known methods: {', '.join(known_methods())}"
+        )
+    if method == "momentum":
+        return METHODS[method]
+    accepted = _torchdiffeq_methods()
+    if method not in accepted:
+        raise ValueError(
+            f"method={method!r} is unknown; known methods (those the installed torchdiffeq "
+            f"registers, and 'momentum'): {', '.join((*accepted, 'momentum'))}"
+        )
+    if method in METHODS:
+        return METHODS[method]
+    return MethodInfo(
+        method, "torchdiffeq", None,
+        description="registered by the installed torchdiffeq; mode has no metadata for it",
+    )
 
 
 def _check_adjoint(adjoint, info: MethodInfo, eps_value: float, func) -> None:
@@ -596,11 +640,15 @@ def odeint(
     u0 : like ``x0``, optional
         Initial velocity ``x'(t[0])`` (default 0); only for ``eps > 0``.
     method : str
-        A torchdiffeq method (``"dopri5"``, ``"rk4"``, ...) or ``"momentum"``, the Momentum
-        ResNet rule on a grid of step ``h`` (``options={"step_size": h}``, each interval of
-        ``t`` split into ``ceil(length / h)`` equal steps; without it, the grid ``t``) with
-        ``f_n = h F(t_n, .)``, ``gamma = eps_to_gamma(eps, 1, h)``, ``v = h u``; needs
-        ``h <= eps``. :func:`known_methods` lists them all.
+        Any method the installed torchdiffeq registers (``"dopri5"``, ``"rk4"``, ...; read from
+        its registry at call time, so methods of a newer torchdiffeq are accepted too, and
+        :data:`METHODS` holds the order and family of those mode knows) or ``"momentum"``, the
+        Momentum ResNet rule on a grid of step ``h`` (``options={"step_size": h}``, each
+        interval of ``t`` split into ``ceil(length / h)`` equal steps; without it, the grid
+        ``t``) with ``f_n = h F(t_n, .)``, ``gamma = eps_to_gamma(eps, 1, h)``, ``v = h u``;
+        needs ``h <= eps``. :func:`known_methods` lists them all. Beware torchdiffeq's
+        ``"explicit_adams"`` (0.2.5): it misbehaves even on ``x' = -x`` with step 0.01 (``x(1)``
+        0.74 instead of 0.37, over ``1e39`` by ``t = 5``); use ``"implicit_adams"`` or ``"rk4"``.
     rtol, atol : float
         Tolerances of the adaptive torchdiffeq methods (fixed-grid methods ignore them).
     options : dict, optional

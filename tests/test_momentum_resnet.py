@@ -289,7 +289,7 @@ def test_exact_slots_with_different_fractional_bits():
     bit-exact, and gradients equal autograd on the replayed forward states."""
     from mode.exact import InformationBuffer, rational
     from mode.reversible import integrate, reverse
-    from mode.steps import Coupling, MomentumStep
+    from mode.steps import MomentumStep
 
     torch.manual_seed(10)
     depth, gamma, bits = 200, 0.75, (30, 40)

@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import reversible as engine
-from ..conventions import check_gamma
+from ..conventions import _gamma_for_repr, _scalar_text, check_gamma, check_real
 from ..steps import Coupling, ReversibleStep
 from .base import Function, ReversibleNet, _as_modules, _check_flags
 
@@ -81,14 +80,20 @@ __all__ = [
 
 
 def check_step_size(h: float, name: str = "h") -> float:
-    """Return ``h`` as a float; raise unless it is a finite real number ``> 0``."""
-    if isinstance(h, torch.Tensor):
-        if h.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(h.shape)}")
-        h = float(h.detach())
-    elif not isinstance(h, Real) or isinstance(h, bool):
-        raise TypeError(f"{name} must be a real number > 0, got {type(h).__name__} {h!r}")
-    h = float(h)
+    """Return ``h`` as a float; raise unless it is a finite real number ``> 0``.
+
+    A one-element tensor that does not require grad counts as its number. A tensor that
+    requires grad is an error: the step size is a constant of the network (its couplings
+    hold a float), so the tensor would be frozen and never learned.
+    """
+    if isinstance(h, torch.Tensor) and h.requires_grad:
+        raise TypeError(
+            f"{name} must be a number, got a tensor that requires grad ({name}={h!r}): learning "
+            f"the step size is not supported, and the tensor would be frozen to a float "
+            f"silently. Pass a number, or a tensor that does not require grad "
+            f"({name}.detach())"
+        )
+    h = check_real(h, name, integer_tensors=True)
     if not (math.isfinite(h) and h > 0.0):
         raise ValueError(f"{name} must be a finite step size > 0, got {h}")
     return h
@@ -243,7 +248,7 @@ class HamiltonianStep(ReversibleStep):
         return (Coupling(target=0, phi=self._kick_y), Coupling(target=1, phi=self._kick_z))
 
     def extra_repr(self) -> str:
-        return f"h={self.h:g}"
+        return f"h={_scalar_text(self.h)}"
 
 
 class MidpointStep(ReversibleStep):
@@ -263,7 +268,7 @@ class MidpointStep(ReversibleStep):
         return (Coupling(target=0, phi=self._increment),)
 
     def extra_repr(self) -> str:
-        return f"h={self.h:g}"
+        return f"h={_scalar_text(self.h)}"
 
 
 class LeapfrogStep(ReversibleStep):
@@ -286,7 +291,7 @@ class LeapfrogStep(ReversibleStep):
         return (Coupling(target=0, alpha=-1.0, shift=2, phi=self._increment),)
 
     def extra_repr(self) -> str:
-        return f"h={self.h:g}"
+        return f"h={_scalar_text(self.h)}"
 
 
 class MRevStep(ReversibleStep):
@@ -305,8 +310,8 @@ class MRevStep(ReversibleStep):
         )
 
     def extra_repr(self) -> str:
-        g = float(self.gamma.detach()) if isinstance(self.gamma, torch.Tensor) else self.gamma
-        return f"gamma={g:g}"
+        text, value = _gamma_for_repr(self.gamma)
+        return f"gamma={text}" + ("" if value is not None else " (outside [0, 1])")
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +370,15 @@ class _CoupledNet(ReversibleNet):
             self._steps = self._build()
             self._steps_key = key
         return self._steps
+
+    def extra_repr(self) -> str:
+        # The depth is counted on the registered functions, not on chain(): building the steps
+        # validates their coefficients (a learned gamma outside [0, 1] raises), and a repr
+        # must print whatever state the network is in.
+        functions = getattr(self, "functions", None)
+        depth = len(functions if functions is not None else self.F_functions)
+        mode = "exact" if self.exact else ("float" if self.reversible else "off")
+        return f"depth={depth}, reversible={self.reversible} ({mode})"
 
     def _pair(self, s0: torch.Tensor, s1: torch.Tensor, *args):
         """The final pair from the initial pair, through the engine."""
@@ -492,7 +506,7 @@ class _StepSizeNet(_CoupledNet):
         return companion.get(self._companion_name)
 
     def extra_repr(self) -> str:
-        return f"h={self.h:g}, " + super().extra_repr()
+        return f"h={_scalar_text(self.h)}, " + super().extra_repr()
 
 
 class HamiltonianNet(_StepSizeNet):
@@ -753,4 +767,6 @@ class MRevNet(_CoupledNet):
         return (xs, vs) if return_velocity else xs
 
     def extra_repr(self) -> str:
-        return f"gamma={_gamma_value(self.gamma):g}, " + super().extra_repr()
+        text, value = _gamma_for_repr(self.gamma)
+        note = "" if value is not None else " (outside [0, 1])"
+        return f"gamma={text}{note}, " + super().extra_repr()

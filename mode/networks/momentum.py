@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import reversible as engine
-from ..conventions import check_gamma, gamma_to_eps
+from ..conventions import _gamma_for_repr, _scalar_text, check_gamma, gamma_to_eps
 from ..steps import MomentumStep
 from .base import ReversibleNet, _as_modules, _check_flags
 
@@ -167,13 +167,17 @@ class MomentumResNet(ReversibleNet):
         return (xs, torch.stack([p[1] for p in pairs])) if return_velocity else xs
 
     def extra_repr(self) -> str:
-        g = _gamma_value(self.gamma)
+        # Never raises: a learned gamma may have left [0, 1], where eps is undefined.
+        text, g = _gamma_for_repr(self.gamma)
         learned = isinstance(self.gamma, torch.Tensor) and self.gamma.requires_grad
         depth = len(self.functions)
-        eps = gamma_to_eps(g, depth)
+        if g is None:
+            eps = "outside [0, 1]: eps undefined"
+        else:
+            eps = f"eps={_scalar_text(gamma_to_eps(g, depth), '.4g')} (horizon 1)"
         mode = "exact" if self.exact else ("float" if self.reversible else "off")
         return (
-            f"depth={depth}, gamma={g:g}{' (learned)' if learned else ''}, eps={eps:.4g} "
-            f"(horizon 1), reversible={self.reversible} ({mode}), "
+            f"depth={depth}, gamma={text}{' (learned)' if learned else ''}, {eps}, "
+            f"reversible={self.reversible} ({mode}), "
             f"init_velocity={'yes' if self.init_velocity is not None else 'no (v0 = 0)'}"
         )

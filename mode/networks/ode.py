@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as nnf
 
+from ..conventions import _scalar_text, check_real
 from ..solve import Field, State, solve
 
 __all__ = ["NeuralODE", "MomentumNeuralODE"]
@@ -173,6 +174,21 @@ class NeuralODE(_ODEBase):
         return self._run(x0, t, 0.0, None, False)
 
 
+def _check_constant(value, name: str) -> float:
+    """``value`` as a float: a real number, or a one-element floating tensor without grad.
+
+    A tensor that requires grad would be frozen into a float here and never learned; the
+    learned mass is ``learn_eps=True``.
+    """
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise TypeError(
+            f"{name} must be a number, got a tensor that requires grad ({name}={value!r}): it "
+            f"would be frozen to a float silently. To learn the mass pass learn_eps=True (eps "
+            f"is then the initial value); otherwise pass a number or {name}.detach()"
+        )
+    return check_real(value, name)
+
+
 class MomentumNeuralODE(_ODEBase):
     """Second-order Neural ODE ``eps x'' + x' = func(t, x)``, the continuous Momentum ResNet.
 
@@ -181,9 +197,11 @@ class MomentumNeuralODE(_ODEBase):
     func : callable ``func(t, x)``
         The field ``F``.
     eps : float > 0
-        The mass (initial value when learned).
+        The mass (initial value when learned): a real number (a one-element floating tensor
+        without grad is read as its number; bools, strings and complex values are errors).
     learn_eps : bool
         Learn ``eps`` through the positive parameterization ``eps = eps_min + softplus(r)``.
+        Must be ``True`` or ``False``.
     eps_min : float >= 0
         Lower bound of a learned ``eps``. With ``method="momentum"`` and step ``h`` set
         ``eps_min >= h`` so that ``gamma = 1 - h/eps`` stays in ``[0, 1]`` while learning.
@@ -221,16 +239,18 @@ class MomentumNeuralODE(_ODEBase):
             func, t=t, method=method, rtol=rtol, atol=atol, options=options, adjoint=adjoint,
             trajectory=trajectory,
         )
-        eps = float(eps)
+        eps = _check_constant(eps, "eps")
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        eps_min = float(eps_min)
+        eps_min = _check_constant(eps_min, "eps_min")
         if not (math.isfinite(eps_min) and 0 <= eps_min < eps):
             raise ValueError(f"eps_min must satisfy 0 <= eps_min < eps={eps}, got {eps_min}")
+        if not isinstance(learn_eps, bool):  # bool("no") is True: never guess
+            raise TypeError(f"learn_eps must be a bool (True or False), got {learn_eps!r}")
         if init_velocity is not None and not callable(init_velocity):
             raise TypeError(f"init_velocity must be callable, got {type(init_velocity).__name__}")
         self.init_velocity = init_velocity
-        self.learn_eps = bool(learn_eps)
+        self.learn_eps = learn_eps
         self.eps_min = eps_min
         if self.learn_eps:
             gap = eps - eps_min  # softplus^{-1}(gap) = gap + log(1 - exp(-gap))
@@ -265,5 +285,8 @@ class MomentumNeuralODE(_ODEBase):
         return self._run(x0, t, eps, u0, return_velocity)
 
     def extra_repr(self) -> str:
-        e = float(self.eps.detach()) if isinstance(self.eps, torch.Tensor) else self.eps
-        return f"eps={e:g}{' (learned)' if self.learn_eps else ''}, " + super().extra_repr()
+        try:
+            e = _scalar_text(self.eps)
+        except Exception:  # noqa: BLE001 - a repr never raises (e.g. a replaced eps_raw)
+            e = "<unreadable>"
+        return f"eps={e}{' (learned)' if self.learn_eps else ''}, " + super().extra_repr()
