@@ -6,6 +6,7 @@ A model is a vector field, an integrator and a gradient strategy:
 - :mod:`mode.steps` -- invertible one-step maps written as additive couplings;
 - :mod:`mode.exact` -- fixed-point arithmetic with an information buffer (bit-exact reversal);
 - :mod:`mode.reversible` -- the depth-independent-memory backprop engine over a chain of steps;
+- :mod:`mode.check` -- ``check_reversible``: a user's own steps against autograd;
 - :mod:`mode.networks` -- ``nn.Module`` front ends (``MomentumResNet``, ``RevNet``, ...,
   ``NeuralODE``);
 - :mod:`mode.solve` -- ``odeint``: torchdiffeq methods and the momentum method side by side;
@@ -13,6 +14,7 @@ A model is a vector field, an integrator and a gradient strategy:
 """
 
 from . import exact, reversible
+from .check import ReversibleCheck, check_reversible
 from .conventions import eps_to_gamma, gamma_to_eps
 from .convert import convert  # the function; the module is mode.convert's namesake
 from .networks import (
@@ -42,6 +44,8 @@ __all__ = [
     "MomentumStep",
     "exact",
     "reversible",
+    "check_reversible",
+    "ReversibleCheck",
     # networks
     "ReversibleNet",
     "MomentumResNet",

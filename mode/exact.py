@@ -224,8 +224,13 @@ class FixedPoint:
 
     def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
         """``round(x 2^F)`` as integer-valued float64; raises if out of range or not finite."""
+        x = x.detach()
+        if x.dtype != torch.float32 and x.dtype != torch.float64:
+            x = x.to(torch.float64)  # half formats overflow at 2^F; float64 holds them exactly
         # Scaling by a power of two and rounding are exact in the input's own float format.
-        y = torch.round(x.detach() * self.scale)
+        y = torch.round(x * self.scale)
+        if y.numel() == 0:
+            return y.to(torch.float64)
         low, high = torch.aminmax(y)
         if not (float(low) > -self.limit and float(high) < self.limit):  # NaN fails too
             if not bool(torch.isfinite(y).all()):
@@ -254,6 +259,8 @@ class FixedPoint:
 
     def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
         """``q`` itself, after checking ``|q| < 2^STATE_BITS`` (NaN and infinity fail)."""
+        if q.numel() == 0:
+            return q
         low, high = torch.aminmax(q)
         if not (float(low) > -self.limit and float(high) < self.limit):
             if not bool(torch.isfinite(q).all()):
@@ -292,6 +299,9 @@ class InformationBuffer:
 
     def _spill(self, max_base: int) -> None:
         """Move the fullest words to a new level so that the next push cannot overflow."""
+        if self.word.numel() == 0:  # no scalars: nothing can overflow
+            self._bound = 1
+            return
         self._bound = int(self.word.max())
         if self._bound * max_base < _WORD_LIMIT:
             return

@@ -405,7 +405,9 @@ def test_activation_memory_does_not_grow_with_depth(exact):
                 warnings.simplefilter("ignore", ReconstructionWarning)
                 held[depth, reversible], _ = saved_bytes(lambda net=net: net(x))
     assert held[8, True] == held[128, True]
-    assert held[128, True] <= 2 * x.numel() * 8  # the output pair (int64 in exact mode)
+    # the output pair (float64 fixed point in exact mode, plus one open buffer word per scalar:
+    # 128 layers at gamma = 0.9 push about 20 bits per scalar, below the 52 of one word)
+    assert held[128, True] <= (3 if exact else 2) * x.numel() * 8
     assert held[128, False] > 10 * held[8, False] / 2  # autograd grows linearly
 
 
