@@ -35,14 +35,13 @@ these tolerances; both are reported with every answer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
 
 from ._checks import NotRepresentable, check_eps, check_square_real
-from .certify import certify
+from .certify import certify, rel_frobenius
 from .inverse import _newton, preimage, primary_inverse
 from .jordan import jordan_block_sizes, jordan_chains
 from .psi import dpsi_scalar, psi_matrix
@@ -336,11 +335,8 @@ def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
     norm = float(np.linalg.norm(theta_c)) or 1.0
     imag_residual = float(np.linalg.norm(theta_c.imag)) / norm
     theta = np.ascontiguousarray(theta_c.real)
-    dn = float(np.linalg.norm(D)) or 1.0
     with np.errstate(all="ignore"):
-        residual = float(np.linalg.norm(psi_matrix(theta, eps) - D)) / dn
-    if not math.isfinite(residual):
-        residual = math.inf
+        residual = rel_frobenius(psi_matrix(theta, eps), D)
     return Construction(theta, residual, imag_residual, float(np.linalg.cond(V)), an)
 
 
