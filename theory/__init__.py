@@ -8,11 +8,14 @@ model ``eps x'' + x' = theta x`` maps ``x(0)`` to ``Psi_eps(theta) x(0)`` (``Psi
 - :func:`is_representable`, :func:`find_theta` -- the exact criterion and a preimage;
 - :func:`representable_scale` -- ``(lam, theta)`` with ``Psi_eps(theta) = lam D``;
 - :func:`certify` -- an independent ``solve_ivp`` check of a preimage;
+- :func:`discrete_psi`, :func:`discrete_min_gain` -- the depth-N network ``P_N(theta)`` and
+  the bottom of its real range (exact; ``-inf`` at odd depth);
 - :func:`verify_claims` -- the claim-by-claim report (``python -m theory``).
 """
 
 from ._checks import NotRepresentable
 from .certify import Certificate, certify
+from .discrete import discrete_min_gain, discrete_psi
 from .psi import psi
 from .range import min_gain
 from .report import verify_claims
@@ -36,4 +39,6 @@ __all__ = [
     "certify",
     "Certificate",
     "verify_claims",
+    "discrete_psi",
+    "discrete_min_gain",
 ]
