@@ -60,9 +60,10 @@ def _exp_complex(w: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         r = np.exp(w.real)
         co, si = np.cos(w.imag), np.sin(w.imag)
-        re = np.where(co == 0, 0.0, r * co)
-        im = np.where(si == 0, 0.0, r * si)
-    return re + 1j * im
+        out = np.empty(w.shape, dtype=np.complex128)
+        out.real = np.where(co == 0, 0.0, r * co)  # assigned, not re + 1j * im: 1j * inf is
+        out.imag = np.where(si == 0, 0.0, r * si)  # nan + inf j
+    return out
 
 
 def _psi_closed_form(zc: np.ndarray, eps: float) -> np.ndarray:
