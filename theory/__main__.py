@@ -47,6 +47,27 @@ def write_json(path: str, payload: dict) -> None:
         raise
 
 
+def json_target_problem(path: str) -> str | None:
+    """Why ``path`` cannot receive the JSON (checked before any work), or ``None`` if it can."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return f"{path} is a directory"
+    directory = os.path.dirname(target)
+    existing = directory
+    while not os.path.isdir(existing):  # the nearest existing ancestor must let us create it
+        parent = os.path.dirname(existing)
+        if parent == existing or (os.path.exists(existing) and not os.path.isdir(existing)):
+            return f"{existing} is not a directory"
+        existing = parent
+    try:  # a real probe (os.access says yes to root even where writing fails, e.g. /proc)
+        fd, probe = tempfile.mkstemp(dir=existing, suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot create files in {existing} ({exc.strerror or exc})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m theory", description=__doc__)
     parser.add_argument("--json", metavar="PATH", help="also write the claims as JSON to PATH")
@@ -55,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a claim fails")
     args = parser.parse_args(argv)
+    if args.json:
+        problem = json_target_problem(args.json)
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
     t0 = time.perf_counter()
     claims = verify_claims(quick=not args.full, seed=args.seed)
     elapsed = time.perf_counter() - t0
@@ -67,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{sum(c['verdict'] == 'holds' for c in claims)}/{len(claims)} claims hold "
           f"({'full' if args.full else 'quick'} mode, seed {args.seed}, {elapsed:.1f} s)")
     if args.json:
-        write_json(args.json, {"mode": "full" if args.full else "quick", "seed": args.seed,
-                               "seconds": elapsed, "claims": claims})
+        try:
+            write_json(args.json, {"mode": "full" if args.full else "quick", "seed": args.seed,
+                                   "seconds": elapsed, "claims": claims})
+        except OSError as exc:
+            print(f"python -m theory: error: could not write --json {args.json}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     if args.strict and any(c["verdict"] != "holds" for c in claims):
         return 1

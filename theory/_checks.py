@@ -7,7 +7,7 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["NotRepresentable", "check_eps", "check_square_real"]
+__all__ = ["NotRepresentable", "Undecided", "check_eps", "check_square_real"]
 
 
 class NotRepresentable(ValueError):
@@ -20,6 +20,12 @@ class NotRepresentable(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Undecided(NotRepresentable):
+    """The decision lies inside the numerical tolerance: an eigenvalue within its error bound of
+    0 (``eps = 0``) or of ``m_eps``, with Jordan blocks that are representable on one side and
+    not on the other.  ``reason`` names the eigenvalue, its bound and its blocks."""
 
 
 def check_eps(eps: float, name: str = "eps") -> float:

@@ -4,10 +4,12 @@ r"""Local inverses of ``Psi_eps``: scalar preimages and primary inverse function
 (:func:`theory.range.real_preimage`).  Otherwise ``z`` with ``Psi_eps(z) = lam`` is found by
 continuation along the arc ``lam(t) = |lam| exp(i t arg lam)``, ``t: 0 -> 1``, starting from the
 real preimage of ``|lam|`` (Euler predictor, Newton corrector, adaptive step; a failed step is
-halved, and a continuation that stalls raises).  A Newton search over a grid of complex starts
-finds only real critical points of ``Psi_eps`` (so real critical values), which the arc leaves
-at once; this is evidence, not a proof, and the returned root is checked (``Psi' != 0``,
-residual at rounding level).  A real ``lam < m_eps`` is reached from the upper half plane.
+halved; a continuation that stalls, or takes more than ``MAX_CONTINUATION_STEPS`` steps,
+raises :class:`theory.NotRepresentable`, so a wrong ``Psi`` never makes it hang).  The
+critical points of ``Psi_eps`` are all real (:mod:`theory.proofs`: ``Psi_eps`` is real entire
+of order 1/2 with only real zeros, so ``Psi_eps'`` has only real zeros), hence every non-real
+preimage is non-critical; the returned root is still checked (residual at rounding level).
+A real ``lam < m_eps`` is reached from the upper half plane.
 At ``eps = 0`` this is the principal ``log`` (``log|lam| + i pi`` for ``lam < 0``).
 
 *Primary inverse on a cluster.* For a square ``B`` whose eigenvalues cluster at ``lam`` and a
@@ -31,6 +33,8 @@ from .psi import dpsi_scalar, psi_matrix, psi_scalar
 from .range import min_gain, real_preimage
 
 __all__ = ["preimage", "taylor_coefficients", "reversion", "primary_inverse"]
+
+MAX_CONTINUATION_STEPS = 4000  # accepted plus rejected steps along the arc; then it gives up
 
 
 def _f(z: complex, eps: float) -> complex:
@@ -81,7 +85,9 @@ def preimage(lam: complex, eps: float) -> complex:
     z = complex(real_preimage(r, eps))
     tol = 1e-14 * max(r, 1e-300)
     t, dt = 0.0, 1.0 / 32
-    while t < 1.0:
+    for _ in range(MAX_CONTINUATION_STEPS):
+        if t >= 1.0:
+            break
         dt = min(dt, 1.0 - t)
         lam_t = r * cmath.exp(1j * phi_end * (t + dt))
         # Euler predictor: dz = dlam / Psi'(z)
@@ -96,6 +102,11 @@ def preimage(lam: complex, eps: float) -> complex:
                 raise NotRepresentable(
                     f"continuation to a preimage of {lam} under Psi_eps (eps={eps}) failed"
                 )
+    else:
+        raise NotRepresentable(
+            f"continuation to a preimage of {lam} under Psi_eps (eps={eps}) did not reach the "
+            f"end of the arc in {MAX_CONTINUATION_STEPS} steps (stopped at t = {t:.3g})"
+        )
     z, ok = _newton(z, lam, eps, 4 * tol)
     if not ok or abs(_df(z, eps)) == 0:
         raise NotRepresentable(f"no non-critical preimage of {lam} found (eps={eps})")

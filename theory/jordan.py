@@ -19,27 +19,34 @@ import numpy as np
 __all__ = ["jordan_block_sizes", "jordan_chains"]
 
 
-def _thresholds(n: int, scale: float, rank_tol: float) -> list[float]:
-    return [rank_tol * scale**j for j in range(n + 1)]
-
-
-def _powers(N: np.ndarray) -> list[np.ndarray]:
+def _powers(N: np.ndarray, count: int | None = None) -> list[np.ndarray]:
+    """``[I, N, ..., N^count]`` (``count`` defaults to ``n``)."""
     n = N.shape[0]
     out = [np.eye(n, dtype=N.dtype)]
-    for _ in range(n):
+    for _ in range(n if count is None else count):
         out.append(out[-1] @ N)
     return out
+
+
+def _nullities(Ns: np.ndarray, rank_tol: float) -> list[int]:
+    """``[k_0 = 0, k_1, ..., k_n]``, ``k_j = dim ker Ns^j`` at ``rank_tol``; stops computing
+    once ``k_j = n`` (every further power is then zero too)."""
+    n = Ns.shape[0]
+    k = [0]
+    P = np.eye(n, dtype=Ns.dtype)
+    for _ in range(n):
+        P = P @ Ns
+        s = np.linalg.svd(P, compute_uv=False)
+        k.append(n - int(np.sum(s > rank_tol)))
+        if k[-1] == n:
+            break
+    return k + [k[-1]] * (n + 1 - len(k))
 
 
 def jordan_block_sizes(N: np.ndarray, scale: float, rank_tol: float) -> dict[int, int] | None:
     """``{size: count}`` of the Jordan blocks of the (numerically) nilpotent ``N``, or ``None``."""
     n = N.shape[0]
-    th = _thresholds(n, scale, rank_tol)
-    pw = _powers(N)
-    k = [0]
-    for j in range(1, n + 1):
-        s = np.linalg.svd(pw[j], compute_uv=False)
-        k.append(n - int(np.sum(s > th[j])))
+    k = _nullities(N / scale, rank_tol)
     if k[n] != n:
         return None
     d = [k[j] - k[j - 1] for j in range(1, n + 1)] + [0]
@@ -66,11 +73,11 @@ def jordan_chains(N: np.ndarray, sizes: dict[int, int], scale: float,
     """Jordan chains of ``N`` for the block structure ``sizes``.
 
     Returns a list of chains, longest first; chain ``[b_1, ..., b_j]`` has ``N b_1 ~ 0`` and
-    ``N b_i = b_{i-1}``.
+    ``N b_i = scale * b_{i-1}`` (chains of ``N / scale``: no power of ``scale`` is formed).
     """
     n = N.shape[0]
-    th = _thresholds(n, scale, rank_tol)
-    pw = _powers(N)
+    pw = _powers(N / scale, max(sizes))
+    th = [rank_tol] * len(pw)
     chains: list[list[np.ndarray]] = []
     for j in sorted(sizes, reverse=True):
         count = sizes[j]

@@ -51,6 +51,33 @@ def _phi1(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _exp_complex(w: np.ndarray) -> np.ndarray:
+    """``exp(w)`` for complex ``w`` without ``inf * 0 = nan``.
+
+    ``e^Re(w) (cos Im w + i sin Im w)``, each part set to 0 where its trigonometric factor is
+    0 (so a real overflow is ``inf + 0j``)."""
+    w = np.asarray(w, dtype=np.complex128)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.exp(w.real)
+        co, si = np.cos(w.imag), np.sin(w.imag)
+        out = np.empty(w.shape, dtype=np.complex128)
+        out.real = np.where(co == 0, 0.0, r * co)  # assigned, not re + 1j * im: 1j * inf is
+        out.imag = np.where(si == 0, 0.0, r * si)  # nan + inf j
+    return out
+
+
+def _psi_closed_form(zc: np.ndarray, eps: float) -> np.ndarray:
+    """``Psi_eps(z)`` for complex ``zc`` and ``eps > 0``: ``exp(2 z / (1 + s) + log(bracket / 2))``.
+
+    The factor 1/2 goes inside the exponential, so the result overflows only when it exceeds
+    ``DBL_MAX`` (``psi(1213.4333, 1e-3) = 1.198e308`` is finite)."""
+    c = 1.0 / (2.0 * eps)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        s = np.sqrt(1.0 + 4.0 * eps * zc)
+        bracket = 1.0 + np.exp(-2.0 * c * s) + 2.0 * c * _phi1(2.0 * c * s)
+        return _exp_complex(2.0 * zc / (1.0 + s) + np.log(0.5 * bracket))
+
+
 def psi_scalar(z, eps: float) -> np.ndarray:
     """Elementwise ``Psi_eps(z)`` (closed form); real input gives real output.
 
@@ -67,15 +94,7 @@ def psi_scalar(z, eps: float) -> np.ndarray:
     z = np.asarray(z)
     real = not np.iscomplexobj(z)
     zc = z.astype(np.complex128)
-    if eps == 0.0:
-        out = np.exp(zc)
-    else:
-        c = 1.0 / (2.0 * eps)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            s = np.sqrt(1.0 + 4.0 * eps * zc)
-            bracket = 1.0 + np.exp(-2.0 * c * s) + 2.0 * c * _phi1(2.0 * c * s)
-            # one exp of a sum: an overflowing real argument gives inf, never inf * 0j = nan
-            out = 0.5 * np.exp(2.0 * zc / (1.0 + s) + np.log(bracket))
+    out = _exp_complex(zc) if eps == 0.0 else _psi_closed_form(zc, eps)
     return out.real if real else out
 
 

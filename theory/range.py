@@ -16,8 +16,21 @@ increasing from ``-inf`` to ``+inf``: exactly one critical point, a minimum, the
 found by Brent's method.  So ``m_eps = exp(-c) h(a*) < 0``, attained only at
 ``z* = -(1 + 4 eps^2 a*^2) / (4 eps)``, and ``Psi_eps`` is a strictly increasing bijection from
 ``[z*, inf)`` onto ``[m_eps, inf)`` (``h`` decreases on ``(0, a*]``; ``cosh a + c sinh(a)/a``
-increases).  ``m_0 = 0`` (``exp``; not attained).  In float64 ``m_eps`` underflows to ``-0.0``
-for ``eps`` below about ``6.6e-4`` (``exp(-c)`` with ``c > 745``).
+increases).  ``m_0 = 0`` (``exp``; not attained).
+
+*Energy bound* ``m_eps > -1`` (every ``eps > 0``).  For real ``z < 0`` let
+``E(t) = eps x'(t)^2 / 2 + |z| x(t)^2 / 2``; along ``eps x'' + x' = z x``,
+``E' = x' (eps x'' - z x) = -x'^2 <= 0``, and ``x'`` is not identically 0 (``x'' (0) = z / eps``),
+so ``|z| x(1)^2 / 2 <= E(1) < E(0) = |z| / 2``: ``|Psi_eps(z)| < 1``.  For ``z >= 0``,
+``Psi_eps(z) >= 1 > 0``.  As ``m_eps`` is attained (at ``z*``), ``m_eps > -1``; the bound is
+sharp as ``eps -> inf`` (``m_eps = -1 + 1/(2 eps) + O(eps^-2)``).  It is a property of the ODE:
+the depth-N network has no such bound (:mod:`theory.discrete`).
+
+*Floating point.*  ``m_eps = -exp(-c + log(-h(a*)))`` is accurate to a few ulps while it is a
+normal float (``|m_eps| >= 2.2e-308``, i.e. ``eps >= ~7.1e-4``); below that it is subnormal and
+only accurate to ``5e-324`` absolutely (e.g. 7 % relative error at ``eps = 6.68e-4``), and it
+underflows to ``-0.0`` for ``eps`` below about ``6.6e-4``.  :func:`log_neg_min_gain` gives
+``log(-m_eps)`` to full relative accuracy for every ``eps > 0``.
 """
 
 from __future__ import annotations
@@ -30,11 +43,12 @@ import scipy.optimize
 from ._checks import check_eps
 from .psi import dpsi_scalar, psi_scalar
 
-__all__ = ["min_gain", "min_gain_point", "real_preimage"]
+__all__ = ["min_gain", "min_gain_point", "log_neg_min_gain", "real_preimage"]
 
 
 @lru_cache(maxsize=256)
-def _min_point(eps: float) -> tuple[float, float]:
+def _min_point_log(eps: float) -> tuple[float, float]:
+    """``(log(-m_eps), z*)``: ``a*`` the root of ``q`` in ``[pi, 2 pi]`` (Brent, bounded)."""
     c = 1.0 / (2.0 * eps)
 
     def q(a: float) -> float:
@@ -42,9 +56,22 @@ def _min_point(eps: float) -> tuple[float, float]:
 
     a_star = scipy.optimize.brentq(q, math.pi, 2 * math.pi, xtol=1e-15, rtol=8.9e-16, maxiter=200)
     h = math.cos(a_star) + c * math.sin(a_star) / a_star
-    m = -math.exp(-c + math.log(-h))
     z_star = -(1.0 + 4.0 * eps * eps * a_star * a_star) / (4.0 * eps)
-    return m, z_star
+    return -c + math.log(-h), z_star
+
+
+def _min_point(eps: float) -> tuple[float, float]:
+    log_neg_m, z_star = _min_point_log(eps)
+    return -math.exp(log_neg_m), z_star
+
+
+def log_neg_min_gain(eps: float) -> float:
+    """``log(-m_eps) = -1/(2 eps) + log(-h(a*))`` (``eps > 0``), accurate where ``m_eps``
+    itself is subnormal or underflows (``eps < ~7.1e-4``)."""
+    eps = check_eps(eps)
+    if eps == 0.0:
+        raise ValueError("eps must be > 0 for log_neg_min_gain: m_0 = 0")
+    return _min_point_log(eps)[0]
 
 
 def min_gain_point(eps: float) -> tuple[float, float]:
@@ -94,10 +121,16 @@ def real_preimage(lam: float, eps: float) -> float:
         return float(psi_scalar(z, eps)) - lam
 
     hi = max(1.0, abs(z_star))
-    while f(hi) < 0:
+    while not f(hi) > 0:  # at most ~1000 doublings
         hi *= 2.0
-        if hi > 1e300:  # pragma: no cover - lam overflows float64
+        if hi > 1e300:
             raise ValueError(f"lam={lam} too large: Psi_eps overflows before reaching it")
+    if not f(z_star) <= 0 < f(hi):
+        raise ArithmeticError(
+            f"Psi_eps(z*) - lam = {f(z_star):.3g} and Psi_eps({hi:.3g}) - lam = {f(hi):.3g} do "
+            f"not bracket lam={lam} on the increasing branch (eps={eps}): Psi_eps is inconsistent "
+            "with m_eps"
+        )
     z = scipy.optimize.brentq(f, z_star, hi, xtol=1e-300, rtol=8.9e-16, maxiter=500)
     for _ in range(2):
         d = float(dpsi_scalar(z, eps).real)

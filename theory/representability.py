@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import scipy.linalg
 
-from ._checks import NotRepresentable, check_eps, check_square_real
-from .certify import certify
-from .inverse import _newton, preimage, primary_inverse
+from ._checks import NotRepresentable, Undecided, check_eps, check_square_real
+from .certify import certify, rel_frobenius
+from .inverse import _newton, preimage, primary_inverse, taylor_coefficients
 from .jordan import jordan_block_sizes, jordan_chains
 from .psi import dpsi_scalar, psi_matrix
 from .range import min_gain, min_gain_point, real_preimage
@@ -52,13 +53,16 @@ __all__ = [
     "Cluster",
     "Analysis",
     "Construction",
+    "Decision",
     "analyze",
+    "decide",
     "construct",
     "find_theta",
     "is_representable",
     "representable_scale",
 ]
 
+EXACT_DET_MAX = 40  # exact determinants (integer Bareiss) up to this size
 CLUSTER_TOL = 1e-5
 RANK_TOL = 1e-8
 RESIDUAL_TOL = 1e-6
@@ -72,9 +76,9 @@ class Cluster:
     indices: tuple[int, ...]
     kind: str  # "real" or "complex"
     blocks: dict[int, int]  # Jordan block sizes {size: count} as resolved at rank_tol
-    treatment: str  # primary | critical | paired | singular | unpaired | undecided
+    treatment: str  # primary|critical|paired|critical-pairs|singular|unpaired|undecided
     radius: float
-    at_tol: float = 0.0  # |lam - m_eps| below this counts as *at* the critical value
+    at_tol: float = 0.0  # error bound of the center: a smaller |lam - m_eps| is unresolved
 
     @property
     def size(self) -> int:
@@ -93,6 +97,7 @@ class Analysis:
     cluster_radius: float
     rank_threshold: float
     eigenvalues: np.ndarray = field(repr=False)
+    verdict: str = ""  # "representable" | "not representable" | "undecided"
 
 
 @dataclass
@@ -126,50 +131,153 @@ def _single_linkage(w: np.ndarray, idx: list[int], radius: float) -> list[list[i
     return sorted(groups.values(), key=lambda g: (np.mean(w[g]).real, np.mean(w[g]).imag))
 
 
-def _invariant_basis(D: np.ndarray, w: np.ndarray, members: list[int], real: bool):
-    """Orthonormal basis of the invariant subspace of the eigenvalues ``w[members]``."""
+def _invariant_basis(D: np.ndarray, w: np.ndarray, members: list[int], real: bool,
+                     with_projector: bool = False):
+    """Orthonormal basis ``V`` of the invariant subspace of the eigenvalues ``w[members]`` and
+    ``B = V^H D V``; with ``with_projector`` also ``||P||_2`` of the spectral projector onto it
+    (``sqrt(1 + ||R||^2)``, ``T11 R - R T22 = T12`` in the sorted Schur form ``T``), the
+    condition number of the cluster's mean eigenvalue."""
     members_set = set(members)
+    norm = float(np.linalg.norm(D, 2)) or 1.0
 
     def selected(ev: complex) -> bool:
-        return int(np.argmin(np.abs(w - ev))) in members_set
+        return int(np.argmin(np.abs(w - ev * norm))) in members_set
 
     if real:
-        T, Z, sdim = scipy.linalg.schur(D, output="real",
+        T, Z, sdim = scipy.linalg.schur(D / norm, output="real",
                                         sort=lambda re, im: selected(complex(re, im)))
     else:
-        T, Z, sdim = scipy.linalg.schur(D.astype(complex), output="complex", sort=selected)
+        T, Z, sdim = scipy.linalg.schur((D / norm).astype(complex), output="complex",
+                                        sort=selected)
     if sdim != len(members):
         raise NotRepresentable(
             f"could not separate the eigenvalue cluster at {np.mean(w[members]):.6g} from the "
             f"rest of the spectrum (Schur reordering selected {sdim} of {len(members)})"
         )
     V = Z[:, :sdim]
-    return V, V.conj().T @ D @ V
+    B = V.conj().T @ D @ V
+    if not with_projector:
+        return V, B
+    if sdim == T.shape[0]:
+        return V, B, 1.0
+    try:
+        R = scipy.linalg.solve_sylvester(T[:sdim, :sdim], -T[sdim:, sdim:], T[:sdim, sdim:])
+        p_norm = math.sqrt(1.0 + float(np.linalg.norm(R, 2)) ** 2)
+    except (np.linalg.LinAlgError, ValueError):
+        p_norm = math.inf
+    return V, B, p_norm if math.isfinite(p_norm) else 1.0 / np.finfo(float).eps
 
 
-def _classify_real(lam: float, blocks: dict[int, int], eps: float, m: float, at_tol: float,
-                   singular: bool) -> str:
-    """``at_tol``: how close to ``m_eps`` counts as *at* the critical value (the cluster's
-    spread plus the rank threshold); ``singular``: ``D`` is singular and this cluster holds 0."""
-    paired = all(count % 2 == 0 for count in blocks.values())
+def exact_det_sign(D: np.ndarray) -> int:
+    """The exact sign (-1, 0, 1) of ``det D`` for the float64 entries of ``D``.
+
+    Every float is ``k 2^e`` with an integer ``k``: scaled to integers by one power of two,
+    the determinant is computed without rounding by fraction-free (Bareiss) elimination.
+    """
+    D = np.asarray(D, dtype=np.float64)
+    n = D.shape[0]
+    fr = [[Fraction(float(x)) for x in row] for row in D]
+    den = 1
+    for row in fr:
+        for x in row:
+            den = max(den, x.denominator)  # all denominators are powers of two
+    M = [[int(x * den) for x in row] for row in fr]
+    sign, prev = 1, 1
+    for k in range(n - 1):
+        if M[k][k] == 0:
+            swap = next((i for i in range(k + 1, n) if M[i][k] != 0), None)
+            if swap is None:
+                return 0
+            M[k], M[swap] = M[swap], M[k]
+            sign = -sign
+        for i in range(k + 1, n):
+            for j in range(k + 1, n):
+                M[i][j] = (M[i][j] * M[k][k] - M[i][k] * M[k][j]) // prev
+        prev = M[k][k]
+    det = M[n - 1][n - 1] * sign
+    return (det > 0) - (det < 0)
+
+
+def pairs_within_one(blocks: dict[int, int]) -> bool:
+    """Whether the Jordan block sizes split into pairs ``(j, j)``, ``(j + 1, j)`` and single
+    blocks of size 1: the structure ``Psi_eps`` can produce at its critical value ``m_eps``.
+
+    At the critical point ``z*``, ``Psi(z* + N) = m_eps + a_2 N^2 (1 + O(N))`` with
+    ``a_2 = Psi''(z*)/2 > 0``, so a block ``J_k(z*)`` of ``theta`` becomes
+    ``J_{ceil(k/2)}(m) + J_{floor(k/2)}(m)``; non-real preimages give equal pairs.  Greedy from
+    the largest size is optimal (the largest block must pair with the next largest).
+    """
+    sizes = sorted((s for s, c in blocks.items() for _ in range(c)), reverse=True)
+    i = 0
+    while i < len(sizes):
+        if sizes[i] == 1:
+            return True  # the rest are size-1 blocks, each the image of a J_1(z*)
+        if i + 1 < len(sizes) and sizes[i] - sizes[i + 1] <= 1:
+            i += 2
+            continue
+        return False
+    return True
+
+
+def _equal_pairs(blocks: dict[int, int]) -> bool:
+    return all(count % 2 == 0 for count in blocks.values())
+
+
+def _classify_real(lam: float, blocks: dict[int, int], eps: float, m: float, delta: float,
+                   det_sign: int | None, assume_critical: bool) -> str:
+    """Treatment of a real eigenvalue ``lam`` (error bound ``delta``) with Jordan ``blocks``.
+
+    ``det_sign``: at ``eps = 0`` the sign of ``lam`` when it is exact (from ``det D``), else
+    ``None``.  Returns primary | critical | paired | critical-pairs | singular | unpaired |
+    undecided."""
+    paired = _equal_pairs(blocks)
     if eps == 0.0:
-        if singular:
+        if abs(lam) > delta:
+            sign = 1 if lam > 0 else -1
+        else:
+            sign = det_sign
+        if sign == 0:
             return "singular"
-        if lam > 0:
+        if sign is None:  # nonzero, sign not resolved: both answers agree only when paired
+            return "paired" if paired else "undecided"
+        if sign > 0:
             return "primary"
         return "paired" if paired else "unpaired"
-    if lam > m + at_tol:
+    if lam > m + delta:
         return "primary"
-    if lam >= m - at_tol:
+    if lam < m - delta:
+        return "paired" if paired else "unpaired"
+    # within delta of the critical value: above it anything goes, below only equal pairs,
+    # exactly at it the blocks must pair up within one
+    if paired:
+        return "critical" if set(blocks) == {1} else "paired"
+    if assume_critical:
         if set(blocks) == {1}:
             return "critical"
-        return "paired" if paired else "undecided"
-    return "paired" if paired else "unpaired"
+        return "critical-pairs" if pairs_within_one(blocks) else "unpaired"
+    return "undecided"
 
 
-def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
-            rank_tol: float = RANK_TOL) -> Analysis:
-    """Apply the criterion to ``D`` (``(d, d)`` real) for ``Psi_eps``; no preimage is built."""
+def _eigen_error_bounds(D: np.ndarray, norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues ``w`` and first-order error bounds ``64 u ||D||_2 kappa_i`` (``kappa_i =
+    1/|y_i^H x_i|``, unit left/right eigenvectors), capped at ``||D||_2``.  Computed on
+    ``D / ||D||_2`` (LAPACK's ``geev`` with eigenvectors mis-scales matrices of norm ~1e-216)."""
+    w, vl, vr = scipy.linalg.eig(D / norm, left=True, right=True)
+    w = w * norm
+    with np.errstate(divide="ignore"):
+        kappa = 1.0 / np.abs(np.sum(vl.conj() * vr, axis=0))
+    bound = np.minimum(64.0 * np.finfo(float).eps * norm * kappa, norm)
+    return w, np.where(np.isfinite(bound), bound, norm)
+
+
+def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL, rank_tol: float = RANK_TOL,
+            assume_critical: bool = False) -> Analysis:
+    """Apply the criterion to ``D`` (``(d, d)`` real) for ``Psi_eps``; no preimage is built.
+
+    ``assume_critical=True`` takes an eigenvalue within its error bound of ``m_eps`` to be
+    ``m_eps`` exactly and applies the critical rule (:func:`pairs_within_one`); by default such
+    a case is "undecided" unless the answer is the same on both sides.
+    """
     D = check_square_real(D)
     eps = check_eps(eps)
     for name, tol in (("cluster_tol", cluster_tol), ("rank_tol", rank_tol)):
@@ -177,60 +285,95 @@ def analyze(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
             raise ValueError(f"{name} must lie in (0, 1), got {tol}")
     scale = float(np.linalg.norm(D, 2)) or 1.0
     m = min_gain(eps)
-    w = np.linalg.eigvals(D)
+    w, bound = _eigen_error_bounds(D, scale)
     radius = cluster_tol * scale
     rank_threshold = rank_tol * scale
-    sigma_min = float(np.linalg.svd(D, compute_uv=False)[-1])
-    singular = sigma_min <= rank_threshold
     clusters: list[Cluster] = []
+    zero_zone: list[int] = []  # eps = 0: real clusters whose sign is not resolved numerically
+
+    def distinct(g: list[int]) -> bool:
+        """Every two members are farther apart than their error bounds: simple eigenvalues."""
+        return len(g) > 1 and all(abs(w[i] - w[j]) > bound[i] + bound[j]
+                                  for a, i in enumerate(g) for j in g[a + 1:])
 
     def visit(members: list[int], rad: float) -> None:
         for g in _single_linkage(w, members, rad):
+            if distinct(g):
+                for i in g:
+                    visit([i], rad)
+                continue
             center = complex(np.mean(w[g]))
-            if abs(center.imag) > rad:
+            spread = float(np.max(np.abs(w[g] - center)))
+            if abs(center.imag) > max(rad, spread + float(np.min(bound[g]))) or (
+                    len(g) == 1 and center.imag != 0):
                 if center.imag > 0:  # the conjugate cluster is built from this one
-                    _, B = _invariant_basis(D, w, g, real=False)
+                    _, B, p_norm = _invariant_basis(D, w, g, real=False, with_projector=True)
+                    delta = spread + 64.0 * np.finfo(float).eps * scale * p_norm
                     blocks = jordan_block_sizes(B - center * np.eye(len(g)), scale, rank_tol)
                     if blocks is None:
                         if rad / 1000 > rank_threshold:
                             visit(g, rad / 1000)
                             continue
                         blocks = {1: len(g)}
-                    clusters.append(Cluster(center, tuple(g), "complex", blocks, "primary", rad))
+                    clusters.append(Cluster(center, tuple(g), "complex", blocks, "primary", rad,
+                                            delta))
                 continue
             lam = center.real
-            _, B = _invariant_basis(D, w, g, real=True)
+            _, B, p_norm = _invariant_basis(D, w, g, real=True, with_projector=True)
+            delta = min(spread + 64.0 * np.finfo(float).eps * scale * p_norm, scale)
             blocks = jordan_block_sizes(B - lam * np.eye(len(g)), scale, rank_tol)
             if blocks is None:
                 if rad / 1000 > rank_threshold:
                     visit(g, rad / 1000)
                     continue
                 blocks = {1: len(g)}  # unresolvable at rank_tol: count the copies as simple
-            at_tol = rank_threshold + float(np.max(np.abs(w[g] - lam)))
-            treatment = _classify_real(lam, blocks, eps, m, at_tol, singular and abs(lam) <= rad)
-            clusters.append(Cluster(complex(lam), tuple(g), "real", blocks, treatment, rad,
-                                    at_tol))
+            clusters.append(Cluster(complex(lam), tuple(g), "real", blocks, "", rad, delta))
+            if eps == 0.0 and abs(lam) <= delta:
+                zero_zone.append(len(clusters) - 1)
 
     visit(list(range(len(w))), radius)
-    bad = [c for c in clusters if c.treatment in ("singular", "unpaired", "undecided")]
-    if eps == 0.0 and singular and not any(c.treatment == "singular" for c in bad):
-        bad.append(Cluster(0j, (), "real", {1: 1}, "singular", radius))
-    reasons = []
-    for c in bad:
+    det_signs: dict[int, int | None] = {}
+    if zero_zone:
+        exact = exact_det_sign(D) if D.shape[0] <= EXACT_DET_MAX else None
+        if exact == 0:  # some eigenvalue is exactly 0: D is exactly singular
+            det_signs[min(zero_zone, key=lambda k: abs(clusters[k].center))] = 0
+        elif exact is not None and len(zero_zone) == 1 and clusters[zero_zone[0]].size % 2:
+            # one unresolved real eigenvalue of odd multiplicity: its sign is that of det D
+            # divided by the signs of the resolved real eigenvalues (complex pairs are > 0)
+            others = [c for k, c in enumerate(clusters) if c.kind == "real" and k != zero_zone[0]]
+            rest = int(np.prod([np.sign(c.center.real) ** c.size for c in others]))
+            det_signs[zero_zone[0]] = exact * rest
+    for k, c in enumerate(clusters):
+        if c.kind == "real":
+            c.treatment = _classify_real(c.center.real, c.blocks, eps, m, c.at_tol,
+                                         det_signs.get(k), assume_critical)
+    reasons, undecided = [], []
+    for c in clusters:
         sizes = ", ".join(f"{cnt} x size {s}" for s, cnt in sorted(c.blocks.items()))
         if c.treatment == "singular":
-            reasons.append(f"D is singular (smallest singular value {sigma_min:.2e}): 0 is not "
-                           "a value of exp")
+            reasons.append("D is singular (its exact determinant is 0): 0 is not a value of "
+                           "exp")
         elif c.treatment == "unpaired":
-            where = "<= 0" if eps == 0 else f"< m_eps = {m:.6g}"
+            where = ("<= 0" if eps == 0 else f"< m_eps = {m:.6g}" if not assume_critical
+                     or c.center.real < m - c.at_tol else f"= m_eps = {m:.6g}")
+            rule = ("that do not pair up within one" if where.startswith("=")
+                    else "that do not come in equal pairs")
             reasons.append(f"real eigenvalue {c.center.real:.6g} {where} has Jordan blocks "
-                           f"[{sizes}] that do not come in equal pairs")
-        else:
-            reasons.append(f"eigenvalue {c.center.real:.6g} is within {c.at_tol:.1e} of the "
-                           f"critical value m_eps = {m:.6g} and has unpaired non-trivial blocks "
-                           f"[{sizes}]: undecided here")
-    reason = "; ".join(reasons) if reasons else "representable"
-    return Analysis(eps, m, clusters, not reasons, reason, radius, rank_threshold, w)
+                           f"[{sizes}] {rule}")
+        elif c.treatment == "undecided":
+            what = ("0 (its sign is not resolved)" if eps == 0
+                    else f"the critical value m_eps = {m:.6g}")
+            undecided.append(f"eigenvalue {c.center.real:.6g} is within its error bound "
+                             f"{c.at_tol:.1e} of {what} and has Jordan blocks [{sizes}] that "
+                             "are representable on one side and not on the other")
+    if reasons:
+        verdict, reason = "not representable", "; ".join(reasons)
+    elif undecided:
+        verdict, reason = "undecided", "undecided: " + "; ".join(undecided)
+    else:
+        verdict, reason = "representable", "representable"
+    return Analysis(eps, m, clusters, verdict == "representable", reason, radius,
+                    rank_threshold, w, verdict)
 
 
 def _realify(G: np.ndarray) -> np.ndarray:
@@ -258,6 +401,57 @@ def _paired_block(B: np.ndarray, lam: float, blocks: dict[int, int], eps: float,
     z = preimage(complex(lam, 0.0), eps) if eps == 0 else _nonreal_preimage(lam, eps)
     G = primary_inverse(B_complex, complex(lam), z, eps, max_order=max(blocks) - 1)
     return P @ _realify(G) @ np.linalg.inv(P)
+
+
+def _critical_groups(sizes: list[int]) -> list[tuple[int, ...]]:
+    """The greedy grouping of :func:`pairs_within_one` (sizes sorted decreasingly)."""
+    groups, i = [], 0
+    while i < len(sizes):
+        if sizes[i] > 1:
+            groups.append((sizes[i], sizes[i + 1]))
+            i += 2
+        else:
+            groups.append((1,))
+            i += 1
+    return groups
+
+
+def _critical_block(B: np.ndarray, lam: float, blocks: dict[int, int], eps: float,
+                    scale: float, rank_tol: float) -> np.ndarray:
+    """Real ``X`` with ``Psi_eps(X) = B`` for ``B`` at ``m_eps`` whose blocks pair up within one.
+
+    A pair ``(a, b)``, ``a - b`` in ``{0, 1}``, is the image of ``J_{a+b}(z*)``: with ``K`` the
+    nilpotent shift of size ``k = a + b``, ``Q = Psi(z* I + sigma K) - m I`` has Jordan chains of
+    lengths ``a`` and ``b`` (``S``); matching them to the chains of ``B - lam I`` (``P``)
+    gives ``X = P C S^-1 (z* I + sigma K) S C^-1 P^-1`` (``C`` equalizes the chain scalings).
+    """
+    n = B.shape[0]
+    m, z_star = min_gain_point(eps)
+    chains = jordan_chains(B - lam * np.eye(n), blocks, scale, rank_tol)  # longest first
+    sizes = [len(ch) for ch in chains]
+    columns, parts = [], []
+    i = 0
+    for group in _critical_groups(sizes):
+        these = chains[i:i + len(group)]
+        i += len(group)
+        k = sum(group)
+        if k == 1:
+            columns.extend(these[0])
+            parts.append(np.array([[z_star]]))
+            continue
+        a2 = abs(taylor_coefficients(complex(z_star), eps, 2)[2])
+        sigma = math.sqrt(scale / a2)  # Q ~ a2 sigma^2 K^2 has the magnitude of B - lam I
+        K = np.eye(k, k=1)
+        Q = psi_matrix(z_star * np.eye(k) + sigma * K, eps) - m * np.eye(k)
+        q_sizes = {g: group.count(g) for g in set(group)}
+        q_chains = jordan_chains(Q, q_sizes, scale, rank_tol)
+        # B's chains satisfy (B - lam) b_i = scale b_{i-1}; Q's likewise with its own vectors
+        S = np.column_stack([v for ch in q_chains for v in ch])
+        for ch in these:
+            columns.extend(ch)
+        parts.append(np.linalg.solve(S, (z_star * np.eye(k) + sigma * K) @ S))
+    P = np.column_stack(columns)
+    return (P @ scipy.linalg.block_diag(*parts) @ np.linalg.inv(P)).real
 
 
 def _nonreal_preimage(lam: float, eps: float) -> complex:
@@ -291,14 +485,17 @@ def _nonreal_preimage(lam: float, eps: float) -> complex:
 
 
 def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
-              rank_tol: float = RANK_TOL) -> Construction:
+              rank_tol: float = RANK_TOL, assume_critical: bool = False) -> Construction:
     """Build a real ``theta`` with ``Psi_eps(theta) = D`` eigenvalue by eigenvalue.
 
     Raises :class:`theory.NotRepresentable` (with the criterion's reason) when there is none.
     """
     D = check_square_real(D)
     eps = check_eps(eps)
-    an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol,
+                 assume_critical=assume_critical)
+    if an.verdict == "undecided":
+        raise Undecided(an.reason)
     if not an.representable:
         raise NotRepresentable(an.reason)
     scale = float(np.linalg.norm(D, 2)) or 1.0
@@ -321,6 +518,8 @@ def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
                                 max_order=max(c.blocks) - 1).real
         elif c.treatment == "critical":  # semisimple: any real preimage, no derivative needed
             X = real_preimage(max(lam, an.m_eps), eps) * np.eye(len(g))
+        elif c.treatment == "critical-pairs":
+            X = _critical_block(B, lam, c.blocks, eps, scale, rank_tol)
         else:  # paired
             try:
                 X = _paired_block(B, lam, c.blocks, eps, scale, rank_tol)
@@ -336,16 +535,14 @@ def construct(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
     norm = float(np.linalg.norm(theta_c)) or 1.0
     imag_residual = float(np.linalg.norm(theta_c.imag)) / norm
     theta = np.ascontiguousarray(theta_c.real)
-    dn = float(np.linalg.norm(D)) or 1.0
     with np.errstate(all="ignore"):
-        residual = float(np.linalg.norm(psi_matrix(theta, eps) - D)) / dn
-    if not math.isfinite(residual):
-        residual = math.inf
+        residual = rel_frobenius(psi_matrix(theta, eps), D)
     return Construction(theta, residual, imag_residual, float(np.linalg.cond(V)), an)
 
 
 def find_theta(D, eps: float, *, tol: float = RESIDUAL_TOL, certified: bool = True,
-               cluster_tol: float = CLUSTER_TOL, rank_tol: float = RANK_TOL) -> np.ndarray:
+               cluster_tol: float = CLUSTER_TOL, rank_tol: float = RANK_TOL,
+               assume_critical: bool = False) -> np.ndarray:
     """A real ``theta`` (``(d, d)``) with ``Psi_eps(theta) = D``.
 
     Built through the (numerical) real Jordan form: the real preimage branch for real
@@ -363,7 +560,8 @@ def find_theta(D, eps: float, *, tol: float = RESIDUAL_TOL, certified: bool = Tr
         block ``expm``), which then reports the basis conditioning, or the ``solve_ivp``
         certificate fails (the reason gives its error and amplification).
     """
-    con = construct(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    con = construct(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol,
+                    assume_critical=assume_critical)
     if not (con.residual <= tol and con.imag_residual <= tol):
         raise NotRepresentable(
             f"construction is numerically unreliable: residual {con.residual:.2e}, imaginary "
@@ -383,13 +581,49 @@ def find_theta(D, eps: float, *, tol: float = RESIDUAL_TOL, certified: bool = Tr
     return con.theta
 
 
+@dataclass
+class Decision:
+    """``verdict``: "representable", "not representable" or "undecided"; ``reason`` says why
+    (which eigenvalue, its error bound and its Jordan blocks); ``analysis`` has the rest."""
+
+    verdict: str
+    reason: str
+    analysis: Analysis
+
+    @property
+    def decided(self) -> bool:
+        return self.verdict != "undecided"
+
+
+def decide(D, eps: float, *, cluster_tol: float = CLUSTER_TOL, rank_tol: float = RANK_TOL,
+           assume_critical: bool = False) -> Decision:
+    """The three-valued answer to "is ``D = Psi_eps(theta)`` for a real ``theta``?".
+
+    Exact for the matrix as resolved: each real eigenvalue is placed against 0 (``eps = 0``)
+    or ``m_eps`` with its own error bound (spread of its cluster plus ``64 u ||D|| kappa``), not
+    a tolerance relative to ``||D||``; at ``eps = 0`` an exactly singular ``D`` is found by an
+    exact determinant, and the sign of one unresolved simple eigenvalue by the sign of
+    ``det D``.  "undecided" when an eigenvalue lies within its bound of the threshold and its
+    blocks are representable on one side only (``assume_critical=True``: take it to be
+    ``m_eps`` exactly and apply :func:`pairs_within_one`).
+    """
+    an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol,
+                 assume_critical=assume_critical)
+    return Decision(an.verdict, an.reason, an)
+
+
 def is_representable(D, eps: float, *, cluster_tol: float = CLUSTER_TOL,
                      rank_tol: float = RANK_TOL) -> bool:
     """Whether some real ``theta`` has ``Psi_eps(theta) = D`` (the criterion, no optimization).
 
     ``eps = 0`` is the first-order (ResNet / Neural ODE) case: a real logarithm exists.
+    Raises :class:`theory.Undecided` where :func:`decide` says "undecided" (a bool would
+    guess).
     """
-    return analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol).representable
+    dec = decide(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
+    if not dec.decided:
+        raise Undecided(dec.reason)
+    return dec.verdict == "representable"
 
 
 def representable_scale(D, eps: float, *, fraction: float = 0.5, tol: float = RESIDUAL_TOL,
@@ -420,6 +654,8 @@ def representable_scale(D, eps: float, *, fraction: float = 0.5, tol: float = RE
     an = analyze(D, eps, cluster_tol=cluster_tol, rank_tol=rank_tol)
     kwargs = dict(tol=tol, certified=certified, cluster_tol=cluster_tol, rank_tol=rank_tol)
     if eps == 0.0:
+        if an.verdict == "undecided":
+            raise Undecided(an.reason + "; at eps = 0 a positive factor does not change it")
         if not an.representable:
             raise NotRepresentable(
                 an.reason + "; at eps = 0 a positive factor keeps every eigenvalue's sign and "
