@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q "torch==2.13.0" || "$py" -m pip install -q torch
 fi
-"$py" -m pip install -q -e ".[test]"
+"$py" -m pip install -q -e ".[test,data]"
 # The peer compared in experiments and benchmarks. It declares torchvision (no CPU build for
 # this torch, and it would pull another torch), which it does not need for what we use.
 "$py" -m pip install -q --no-deps "momentumnet==0.10" \

@@ -1,0 +1,260 @@
+"""The supervised training loop of the classification experiments: SGD with step decay,
+progress, an atomic checkpoint every epoch, resume, and a cache of finished runs.
+
+API (stable: other experiments build on it):
+
+``Recipe(epochs, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=(),
+lr_factor=0.1, augment=False, eval_batch_size=1000)``
+    SGD with (heavy-ball) ``momentum`` and ``weight_decay``; the learning rate is multiplied by
+    ``lr_factor`` at every epoch of ``milestones``; ``augment`` applies
+    :func:`experiments.datasets.augment_crop_flip` to every training batch.
+    :data:`PAPER_RECIPE` is the authors' CIFAR recipe (220 epochs, lr 0.01 divided by 10 at
+    epoch 180, batch 128, crop and flip).
+
+``train(model, data, recipe, *, seed, device="cpu", checkpoint=None, progress=None,
+after_epoch=None) -> dict``
+    Trains ``model`` (in place) on ``data`` (an :class:`experiments.datasets.Dataset`) and
+    returns ``{"curves": {"epoch", "lr", "train_loss", "train_accuracy", "test_loss",
+    "test_accuracy", "epoch_s"}, "test_accuracy": float, "epochs": int, "resumed_from": int,
+    "cached": bool}`` (accuracies in [0, 1], per epoch; ``test_accuracy`` is the last epoch's).
+    Shuffling and augmentation draw from a ``torch.Generator`` seeded with ``seed``; the global
+    torch generator is seeded too. With ``checkpoint`` (a file path), the state after every
+    epoch (model, optimizer, scheduler, generator and global RNG states, epoch, curves) is
+    written atomically; a later call with the same path and the same configuration resumes
+    after the last finished epoch, and gives the result an uninterrupted run would have (same
+    operations on the same states). A checkpoint of a finished run is returned at once
+    (``cached``), with the model's trained state loaded. A checkpoint of another configuration
+    (recipe, seed, data, parameter shapes) is an error, not silently reused.
+    ``after_epoch(epoch, record)`` is called after each checkpoint (tests interrupt there).
+
+``evaluate(model, x, y, batch_size=1000) -> (mean loss, accuracy)``
+    In eval mode, without gradients, in the model's device and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import Progress
+from .datasets import Dataset, augment_crop_flip
+
+__all__ = ["Recipe", "PAPER_RECIPE", "train", "evaluate", "CheckpointMismatchError"]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint file belongs to another configuration than the one asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """SGD with momentum, weight decay and step decay of the learning rate (see module doc)."""
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = ()
+    lr_factor: float = 0.1
+    augment: bool = False
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Recipe.{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"Recipe.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"Recipe.momentum must be in [0, 1), got {self.momentum!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"Recipe.weight_decay must be >= 0, got {self.weight_decay!r}")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "milestones": list(self.milestones)}
+
+
+#: The authors' CIFAR recipe (their ``run_CIFAR_10.py``): SGD, momentum 0.9, weight decay 5e-4,
+#: batch 128, 220 epochs, lr 0.01 divided by 10 at epoch 180, random crop (pad 4) and flip.
+PAPER_RECIPE = Recipe(epochs=220, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      milestones=(180,), lr_factor=0.1, augment=True)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError("model has no parameters to train")
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode."""
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)}, {len(y)}")
+    device, dtype = _model_device_dtype(model)
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device=device, dtype=dtype)
+            yb = y[i:i + batch_size].to(device)
+            logits = model(xb)
+            loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def _fingerprint(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> str:
+    """What a checkpoint must match to be resumed: recipe, seed, data and parameter shapes."""
+    h = hashlib.sha256()
+    h.update(repr((recipe.as_dict(), int(seed), data.name, tuple(data.x_train.shape),
+                   tuple(data.x_test.shape), data.num_classes)).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(data.y_train.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    out = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _set_rng_states(states: dict, generator: torch.Generator, device: torch.device) -> None:
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _batch_meter(n: int, desc: str, quiet: bool):
+    """A tqdm bar over the batches of one epoch on an interactive terminal, else None."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=n, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
+          checkpoint: str | os.PathLike | None = None, progress: Progress | None = None,
+          label: str = "", after_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``model`` in place; see the module docstring for the returned record."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if recipe.augment and data.x_train.dim() != 4:
+        raise ValueError(f"Recipe.augment=True needs images (N, C, H, W); dataset {data.name!r} "
+                         f"has inputs of shape {tuple(data.x_train.shape[1:])}")
+    device, dtype = _model_device_dtype(model)
+    progress = progress if progress is not None else Progress("train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(recipe.milestones),
+                                                     gamma=recipe.lr_factor)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    curves: dict[str, list] = {k: [] for k in ("epoch", "lr", "train_loss", "train_accuracy",
+                                               "test_loss", "test_accuracy", "epoch_s")}
+    start = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(model, data, recipe, seed)
+    if path is not None and path.exists():
+        state = torch.load(path, map_location=device, weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} belongs to another configuration (recipe, seed, data or "
+                f"model differ); delete it or choose another path")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_states(state["rng"], generator, device)
+        curves, start = state["curves"], int(state["epoch"])
+        if start < recipe.epochs:
+            progress(f"{label} resuming after epoch {start}/{recipe.epochs} from {path}")
+    resumed_from = start
+
+    x_train, y_train = data.x_train, data.y_train
+    n = len(x_train)
+    batches = (n + recipe.batch_size - 1) // recipe.batch_size
+    for epoch in range(start, recipe.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=generator, device=device).cpu()
+        total_loss, correct = 0.0, 0
+        meter = _batch_meter(batches, f"{label} epoch {epoch + 1}", progress.quiet)
+        for b in range(batches):
+            idx = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+            xb = x_train[idx].to(device=device, dtype=dtype)
+            yb = y_train[idx].to(device)
+            if recipe.augment:
+                xb = augment_crop_flip(xb, generator)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.detach().argmax(1) == yb).sum())
+            if meter is not None:
+                meter.update(1)
+        if meter is not None:
+            meter.close()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, recipe.eval_batch_size)
+        for key, value in (("epoch", epoch + 1), ("lr", lr), ("train_loss", total_loss / n),
+                           ("train_accuracy", correct / n), ("test_loss", test_loss),
+                           ("test_accuracy", test_acc),
+                           ("epoch_s", time.perf_counter() - t0)):
+            curves[key].append(value)
+        record = {"curves": curves, "epoch": epoch + 1}
+        if path is not None:
+            _save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "curves": curves,
+                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(),
+                          "rng": _rng_states(generator, device)}, path)
+        progress(f"{label} epoch {epoch + 1}/{recipe.epochs}: loss {total_loss / n:.3f}, "
+                 f"train {correct / n:.1%}, test {test_acc:.1%}")
+        if after_epoch is not None:
+            after_epoch(epoch + 1, record)
+    if not curves["test_accuracy"]:
+        raise RuntimeError("training ran no epoch")  # unreachable: epochs >= 1
+    return {"curves": curves, "test_accuracy": curves["test_accuracy"][-1],
+            "epochs": recipe.epochs, "resumed_from": resumed_from,
+            "cached": resumed_from == recipe.epochs}
