@@ -427,8 +427,13 @@ def _forward_exact(chain: _Chain, q: list[torch.Tensor], args: tuple, dtype, dev
             if e.c.phi is not None:
                 other = fps[o].decode(q[o], dtype)
                 p = _check_phi_output(e.c.phi(other, *args), other)
+                del other
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
-                new = torch.add(new, fps[t].quantize(p))
+                if new is q[t]:
+                    new = torch.add(new, fps[t].quantize(p))
+                else:  # a fresh tensor of this step: added in place
+                    new = new.add_(fps[t].quantize(p))
+                del p
             q[t] = new
         for e in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
             fps[e.t].check(q[e.t])
@@ -540,12 +545,25 @@ def _backward_coupling(step, c, s, g, args, inputs, idx, grads, exact, buf, dtyp
         p = c.phi(other, *args) if c.phi is not None else None
     if p is not None:
         _check_closure(step, p, [other, *inputs])
-    prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
+    if alpha_grad:  # the gradient of alpha needs the reconstructed state
+        s[t] = _reconstruct_float(c, s, t, o, a, p)
+        _vjp(c, g, t, o, a, p, s[t], other, inputs, idx, grads, alpha_grad)
+        return
+    # Back-propagate first, so that phi's graph is freed before the reconstruction allocates.
+    values = p.detach()
+    _vjp(c, g, t, o, a, p, None, other, inputs, idx, grads, alpha_grad)
+    del p
+    s[t] = _reconstruct_float(c, s, t, o, a, values)
+
+
+def _reconstruct_float(c, s, t, o, a, p) -> torch.Tensor:
+    """``(s[t] - shift s[o] - p) / alpha``, in that order of operations, in one fresh tensor."""
+    prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else None
     if p is not None:
-        prev = prev - p.detach()
-    prev = prev / a if a != 1.0 else prev
-    s[t] = prev
-    _vjp(c, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
+        prev = torch.sub(s[t], p.detach()) if prev is None else prev.sub_(p.detach())
+    if prev is None:
+        return s[t] / a if a != 1.0 else s[t]
+    return prev.div_(a) if a != 1.0 else prev
 
 
 def _backward_coupling_exact(step, e, s, g, args, inputs, idx, grads, fps, buf, dtype):
@@ -561,15 +579,23 @@ def _backward_coupling_exact(step, e, s, g, args, inputs, idx, grads, fps, buf, 
         s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
         _linear_grads(c, g, t, o, e.a)
         return
+    fresh = q is not s[t]  # a tensor of this call alone, free to overwrite
     other = fps[o].decode(s[o], dtype).requires_grad_(True)
     p = None
     if c.phi is not None:
         with torch.enable_grad():
             p = c.phi(other, *args)
         _check_closure(step, p, [other, *inputs])
-        q = torch.sub(q, fps[t].quantize(p))
-    s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
-    prev = fps[t].decode(s[t], dtype) if e.alpha_grad else None
+        q = q.sub_(fps[t].quantize(p)) if fresh else torch.sub(q, fps[t].quantize(p))
+        fresh = True
+    if not e.alpha_grad:
+        # Back-propagate first, so that phi's graph is freed before the unscaling allocates.
+        _vjp(c, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
+        del p, other
+        s[t] = buf.unscale(q, *e.mult, overwrite=fresh) if e.mult is not None else q
+        return
+    s[t] = buf.unscale(q, *e.mult, overwrite=fresh) if e.mult is not None else q
+    prev = fps[t].decode(s[t], dtype)
     _vjp(c, g, t, o, e.a, p, prev, other, inputs, idx, grads, e.alpha_grad)
 
 
