@@ -23,8 +23,8 @@ Time: median wall time of ``--repeats`` interleaved training steps (no profiler)
 
 Usage::
 
-    python benchmarks/bench_peak.py                  # both networks, batch 32 and 64, writes RESULTS
-    python benchmarks/bench_peak.py --quick          # deep narrow at batch 8, prints only
+    python benchmarks/bench_peak.py          # both networks, batch 32 and 64, writes RESULTS
+    python benchmarks/bench_peak.py --quick  # deep narrow at batch 8, prints only
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def measure(net: str, batch: int, repeats: int, breakdown: bool) -> dict:
         entry["models"][k]["time_s"] = M.median(t["wall"])
         entry["models"][k]["time_all_s"] = t["wall"]
     ref = entry["models"]["resnet"]["peak"]
-    for k, e in entry["models"].items():
+    for e in entry["models"].values():
         e["peak_vs_resnet"] = e["peak"] / ref
     entry["bound"]["bound_vs_resnet"] = entry["bound"]["bound_bytes"] / ref
     return entry
@@ -171,10 +171,10 @@ def markdown(results: dict) -> str:
             t = r.get("time_s")
             lines.append(
                 f"| {e['network']} | {e['batch']} | {name} | {r['peak'] / MIB:.0f} | "
-                f"{r['peak_vs_resnet']:.3f} | {'≤ %.2f' % target if target else ''} | "
+                f"{r['peak_vs_resnet']:.3f} | {f'≤ {target:.2f}' if target else ''} | "
                 f"{r['forward_peak'] / MIB:.0f} | {r['held_after_forward'] / MIB:.0f} | "
-                f"{r['backward_peak'] / MIB:.0f} | {'' if t is None else '%.2f' % t} | "
-                f"{'' if t is None else '%.2f' % (t / m['float']['time_s'])} |")
+                f"{r['backward_peak'] / MIB:.0f} | {'' if t is None else f'{t:.2f}'} | "
+                f"{'' if t is None else format(t / m['float']['time_s'], '.2f')} |")
         b = e["bound"]
         lines.append(
             f"| {e['network']} | {e['batch']} | bound: parameter gradients "
