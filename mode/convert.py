@@ -9,10 +9,14 @@ blocks ``B_0, ..., B_{K-1}``) runs the Momentum ResNet rule of DESIGN.md section
 with ``f_n(x) = B_n(x) - x`` (``is_residual=False``: the blocks already add their input, as
 torchvision's and ``nn.Transformer``'s do) or ``f_n(x) = B_n(x)`` (``is_residual=True``). With
 ``keep_first_layer=True`` the first block of every stage runs as it is (it usually changes the
-shape: stride, channels), and the momentum rule covers the others. The blocks are the copied
-modules themselves: trained weights carry over for fine-tuning, and ``gamma = 0`` reproduces
-the original network (``x_{n+1} = x_n + (B_n(x_n) - x_n)``, equal to round-off, in train and
-eval mode).
+shape: stride, channels), and the momentum rule covers the others. With the memory-saving
+backprop (``reversible=True``) that kept block is recomputed in the backward pass
+(``torch.utils.checkpoint``, with its BatchNorm running statistics frozen during the
+recomputation and the forward's RNG state replayed): it keeps only its input, which the previous
+stage holds anyway, instead of all its activations (``recompute_first_layer=False`` keeps them).
+The blocks are the copied modules themselves: trained weights carry over for fine-tuning, and
+``gamma = 0`` reproduces the original network (``x_{n+1} = x_n + (B_n(x_n) - x_n)``, equal to
+round-off, in train and eval mode).
 
 ``gamma = 0`` is a plain ResNet, which has no inverse: the converted stages then run plain
 autograd whatever ``reversible`` says (``exact=True`` with ``gamma = 0`` is an error).
@@ -31,9 +35,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .conventions import check_gamma
 from .networks.momentum import MomentumResNet
@@ -110,6 +116,32 @@ class _Residual(nn.Module):
         return "f(x) = block(x)" if self.is_residual else "f(x) = block(x) - x"
 
 
+@contextmanager
+def _frozen_running_stats(module: nn.Module):
+    """Batch statistics as in training, but the running statistics end as they began (a
+    recomputation must not count the same batch twice). They are restored rather than switched
+    off, so that the recomputation runs the very operations of the forward pass."""
+    saved = [(m, [(b, b.clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                  if b is not None])
+             for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for _, buffers in saved:
+                for b, value in buffers:
+                    b.copy_(value)
+
+
+def _recomputed(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``block(x, *args, **kwargs)``, keeping only its inputs for the backward pass, which runs
+    it again (same RNG state, frozen running statistics) to back-propagate through it."""
+    return checkpoint(block, x, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=lambda: (nullcontext(), _frozen_running_stats(block)), **kwargs)
+
+
 class MomentumStage(nn.Module):
     """A stage of residual blocks run as a Momentum ResNet (see the module docstring).
 
@@ -122,14 +154,15 @@ class MomentumStage(nn.Module):
     ----------
     blocks : sequence of nn.Module
     gamma : float or 0-dim tensor in [0, 1]
-    keep_first_layer, is_residual, reversible, exact : as in :func:`convert`.
+    keep_first_layer, is_residual, reversible, exact, recompute_first_layer : as in
+        :func:`convert`.
     name : the stage's path, for messages.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], gamma: float | torch.Tensor, *,
                  keep_first_layer: bool = True, is_residual: bool = False,
                  reversible: bool = True, exact: bool = False, name: str = "stage",
-                 no_mha_fastpath: bool = False):
+                 no_mha_fastpath: bool = False, recompute_first_layer: bool | None = None):
         super().__init__()
         blocks = list(blocks)
         if not blocks:
@@ -144,6 +177,8 @@ class MomentumStage(nn.Module):
             reversible = False  # gamma = 0 has no inverse: plain autograd (documented)
         self.name = name
         self.first = blocks[0] if keep_first_layer else None
+        self.recompute_first_layer = (reversible if recompute_first_layer is None
+                                      else bool(recompute_first_layer))
         rest = blocks[1:] if keep_first_layer else blocks
         offset = 1 if keep_first_layer else 0
         if rest:
@@ -173,7 +208,10 @@ class MomentumStage(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.first is not None:
-            x = self.first(x, *args, **kwargs)
+            if self.recompute_first_layer and torch.is_grad_enabled():
+                x = _recomputed(self.first, x, args, kwargs)
+            else:
+                x = self.first(x, *args, **kwargs)
         if self.momentum is None:
             return x
         spec = _CallSpec(len(args), tuple(kwargs))
@@ -307,7 +345,7 @@ def _check_bool(value, name: str) -> bool:
 def convert(model: nn.Module, residual_layers: Sequence[str] | str, *,
             gamma: float | torch.Tensor = 0.9, keep_first_layer: bool = True,
             is_residual: bool = False, reversible: bool = True,
-            exact: bool = False) -> nn.Module:
+            exact: bool = False, recompute_first_layer: bool | None = None) -> nn.Module:
     """Convert the named residual stages of ``model`` into Momentum ResNet stages.
 
     Parameters
@@ -329,6 +367,10 @@ def convert(model: nn.Module, residual_layers: Sequence[str] | str, *,
         block is ``f`` itself.
     reversible, exact : bool
         As in :class:`~mode.MomentumResNet` (memory-saving backprop, bit-exact reconstruction).
+    recompute_first_layer : bool or None
+        Recompute the kept first block of every stage in the backward pass instead of storing
+        its activations (``torch.utils.checkpoint``; same gradients, one more evaluation of
+        that block). ``None`` (default): whenever ``reversible`` (the memory-saving mode).
 
     Returns
     -------
@@ -373,6 +415,8 @@ def convert(model: nn.Module, residual_layers: Sequence[str] | str, *,
     for name, flag in (("keep_first_layer", keep_first_layer), ("is_residual", is_residual),
                        ("reversible", reversible), ("exact", exact)):
         _check_bool(flag, name)
+    if recompute_first_layer is not None:
+        _check_bool(recompute_first_layer, "recompute_first_layer")
     if exact and not reversible:
         raise ValueError("exact=True needs reversible=True: exact arithmetic serves "
                          "reconstruction, which only the reversible engine performs")
@@ -419,7 +463,8 @@ def convert(model: nn.Module, residual_layers: Sequence[str] | str, *,
                 )
         stage = MomentumStage(blocks, gamma, keep_first_layer=keep_first_layer,
                               is_residual=is_residual, reversible=reversible, exact=exact,
-                              name=path, no_mha_fastpath=transformer is not None)
+                              name=path, no_mha_fastpath=transformer is not None,
+                              recompute_first_layer=recompute_first_layer)
         if isinstance(transformer, nn.TransformerEncoder):
             stage = MomentumTransformerEncoder(transformer, stage)
         elif isinstance(transformer, nn.TransformerDecoder):

@@ -142,13 +142,16 @@ class _Plan:
         r = t.add_(f, alpha=-d)
         return f.add_(a, alpha=n), r
 
-    def fibre_start(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lo, s)``: ``lo = ceil((q d - c) / n)`` and ``s = lo n - (q d - c)`` in ``[0, n)``."""
+    def fibre_start(self, q: torch.Tensor, overwrite: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, s)``: ``lo = ceil((q d - c) / n)`` and ``s = lo n - (q d - c)`` in ``[0, n)``.
+
+        ``overwrite=True`` may compute ``lo`` in the storage of ``q``."""
         n, d = self.n, self.d
         if self.form == "m":  # (q d - c) / n = q - (c - q m) / n
             u = torch.add(self.c_t, q, alpha=-self.m)
             f = self._floor_div_n(u)
-            lo = torch.sub(q, f)
+            lo = q.sub_(f) if overwrite else torch.sub(q, f)
             return lo, u.add_(f, alpha=-n)
         if self.form == "n":  # lo = -floor((c - q d) / n)
             u = torch.add(self.c_t, q, alpha=-d)
@@ -180,16 +183,19 @@ def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, 
         position = torch.sub(r, n - 1).clamp_(0, 1)
     else:
         position = torch.div(r, n).floor_()
-    return position, _fibre_size(r.add_(position, alpha=-n), n, d)
+    return position, _fibre_size(r.add_(position, alpha=-n), n, d, overwrite=True)
 
 
-def _fibre_size(s: torch.Tensor, n: int, d: int) -> torch.Tensor:
-    """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n`` (a fresh tensor).
+def _fibre_size(s: torch.Tensor, n: int, d: int, overwrite: bool = False) -> torch.Tensor:
+    """``ceil((d - s) / n)`` for integer-valued float64 ``0 <= s < n`` (a fresh tensor, or
+    ``s`` itself with ``overwrite=True``).
 
     With ``k = floor(d / n)`` (``n >= 2`` does not divide ``d``: the fraction is reduced)
     this is ``k + [s < d - k n] = clamp(d - k n + k - s, k, k + 1)``.
     """
     k = d // n
+    if overwrite:  # -s + C is C - s exactly: these are small integers
+        return s.neg_().add_(d - k * n + k).clamp_(k, k + 1)
     return torch.rsub(s, d - k * n + k).clamp_(k, k + 1)
 
 
@@ -330,10 +336,11 @@ class InformationBuffer:
         if self.pushes == 0:
             raise RuntimeError("pop from an empty InformationBuffer")
         quotient = torch.div(self.word, b).floor_()  # exact: words are integers below 2^52
+        # the remainder overwrites the old words, which this buffer alone holds (readers clone)
         if isinstance(b, int):
-            k = torch.add(self.word, quotient, alpha=-b)
+            k = self.word.add_(quotient, alpha=-b)
         else:
-            k = torch.addcmul(self.word, quotient, b, value=-1)
+            k = self.word.addcmul_(quotient, b, value=-1)
         self.word = quotient
         self.pushes -= 1
         if self.levels and self.levels[-1][0] == self.pushes:
@@ -383,20 +390,27 @@ class InformationBuffer:
             q = out
         return -q if sign < 0 else q
 
-    def unscale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
+    def unscale(self, q: torch.Tensor, sign: int, n: int, d: int, *,
+                overwrite: bool = False) -> torch.Tensor:
         """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``.
 
         The fibre of ``q'`` starts at ``lo = ceil((q' d - c) / n)``; with
         ``s = lo n - (q' d - c)`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
+        ``overwrite=True`` lets the result take the storage of ``q`` (float64 ``q`` only).
         """
+        overwrite = overwrite and q.dtype == torch.float64
         q = q.to(torch.float64)
         if sign < 0:
-            q = -q
+            q = q.neg_() if overwrite else -q
+            overwrite = True
         if n != d:
             if n == 1:  # |q' d| <= |q| + d: exact
                 return torch.add(self.pop(d), q, alpha=d).sub_(d // 2)
-            lo, s = _plan(n, d).fibre_start(q)
-            return lo.add_(self.pop(_fibre_size(s, n, d)))
+            lo, s = _plan(n, d).fibre_start(q, overwrite)
+            del q
+            size = _fibre_size(s, n, d, overwrite=True)
+            del s
+            return lo.add_(self.pop(size))
         return q
 
     def __repr__(self) -> str:
