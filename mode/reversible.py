@@ -504,12 +504,16 @@ class Plan:
     ``checksum`` (of the input pair).
     """
 
-    def __init__(self, steps, couplings, args, exact, strategy_, s0):
+    def __init__(self, steps, couplings, args, exact, strategy_, s0, s1):
         self.steps = steps
         self.couplings = couplings
         self.args = args
         self.exact = exact
         self.strategy = strategy_
+        # the input pair by weak reference only: holding it would keep activations alive
+        versions = _versions((s0, s1))
+        self.inputs = tuple((weakref.ref(t), v) for t, v in zip((s0, s1), versions)) \
+            if versions is not None else ()
         self.device_type = s0.device.type
         self.devices = _rng_devices(s0)
         self.autocast = _autocast_state(self.device_type)
@@ -582,6 +586,15 @@ class Plan:
                     f"{self._describe(t)}) was modified in place after the forward (version "
                     f"{v} -> {t._version}): its backward would recompute with other values. "
                     f"Modify it after backward, or use reversible=False"
+                )
+        for ref, v in self.inputs:
+            t = ref()
+            if t is not None and t._version != v:
+                raise RuntimeError(
+                    f"an input state of shape {tuple(t.shape)} of the reversible forward was "
+                    f"modified in place after the forward (version {v} -> {t._version}), as "
+                    f"autograd refuses for the tensors it saves. Modify it after backward, or "
+                    f"pass a copy"
                 )
         for m, name, b, v in self.buffer_versions or ():
             if m._buffers.get(name) is not b or b._version != v:
@@ -1046,7 +1059,7 @@ def integrate(
     else:
         _warn_amplification(runs, s0.dtype)
     fps = _fixed_points(how.frac_bits, s0.dtype) if how.exact else None
-    plan = Plan(steps, couplings, args, fps, how, s0)
+    plan = Plan(steps, couplings, args, fps, how, s0, s1)
     out = _ReversibleFunction.apply(plan, s0, s1, *plan.tensors)
     _remember(out, plan)
     return out

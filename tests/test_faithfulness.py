@@ -353,3 +353,14 @@ def test_saved_memory_helper_sees_the_information_buffer():
     nbytes, (xN, vN) = saved_bytes(lambda: net(x, return_velocity=True))
     record = mode.reversible.information_buffer(xN, vN)
     assert nbytes >= 2 * 8 * x.numel() + record.buffer.nbytes
+
+
+def test_in_place_modification_of_the_input_is_refused():
+    net = mode.MomentumResNet([mlp() for _ in range(3)], 0.8)
+    x = x_of()
+    z = x * 1.0
+    loss = net(z).sum()
+    with torch.no_grad():
+        z.add_(1.0)
+    with pytest.raises(RuntimeError, match="an input state.*modified in place"):
+        loss.backward()
