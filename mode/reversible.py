@@ -433,21 +433,16 @@ def _replay_buffers(snapshot: _Snapshot | None, reads: _Reads, isolate: bool):
 def _installed(plan: Plan, leaves: dict[int, torch.Tensor]):
     """The modules as the forward saw them: its parameters (as ``leaves``, or detached) and
     training flags; everything is put back after."""
-    saved_params, saved_flags = [], []
+    saved = []
     try:
         for m, name, p in plan.params:
-            saved_params.append((m, name, m._parameters[name]))
+            saved.append((m, name, m._parameters[name]))
             m._parameters[name] = leaves.get(id(p)) if id(p) in leaves else p.detach()
-        for m, flag in plan.training:
-            if m.training is not flag:
-                saved_flags.append((m, m.training))
-                m.training = flag
-        yield
+        with _training_flags(plan.training):
+            yield
     finally:
-        for m, name, p in reversed(saved_params):
+        for m, name, p in reversed(saved):
             m._parameters[name] = p
-        for m, flag in saved_flags:
-            m.training = flag
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,8 +512,7 @@ class Plan:
         self.device_type = s0.device.type
         self.devices = _rng_devices(s0)
         self.autocast = _autocast_state(self.device_type)
-        distinct = [steps.step] if couplings is None else list({id(s): s for s in steps}.values())
-        self.reads = {id(s): _walk(s) for s in distinct}
+        self.reads = _distinct_reads(steps)
         params, modules, seen_m = [], [], set()
         for r in self.reads.values():
             params.extend(r.params)
@@ -1128,7 +1122,8 @@ def reverse(
 
 
 def _distinct_reads(steps) -> dict:
-    distinct = [steps.step] if isinstance(steps, StepGrid) else steps
+    """``id(step) -> _Reads`` for every distinct step of the chain (a grid has one)."""
+    distinct = [steps.step] if isinstance(steps, StepGrid) else {id(s): s for s in steps}.values()
     return {id(s): _walk(s) for s in distinct}
 
 
