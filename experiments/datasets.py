@@ -206,4 +206,7 @@ def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    # Standard strides, not only "contiguous": with C = 1 the permuted tensor counts as
+    # contiguous while its strides are channels-last ones, and convolutions of torch 2.13 on
+    # the CPU then corrupt the heap in backward (measured: "corrupted double-linked list").
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)

@@ -142,3 +142,11 @@ def test_crop_flip_equals_padding_then_slicing_each_image():
             want = want.flip(-1)
         assert torch.equal(out[k], want)
     assert 0 < int(flip.sum()) < 16  # both branches were exercised
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_crop_flip_returns_standard_strides(channels):
+    """With one channel a permuted (B, H, W, C) tensor passes is_contiguous() with
+    channels-last strides; CPU convolutions of torch 2.13 corrupted the heap on such input."""
+    out = augment_crop_flip(torch.randn(4, channels, 8, 8), torch.Generator().manual_seed(0))
+    assert out.stride() == torch.empty(out.shape).stride()
