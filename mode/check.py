@@ -139,7 +139,7 @@ def check_reversible(
             if not err <= tol:
                 report.failures.append(f"float round trip off by {err:.3g} > {tol:.3g}")
         else:
-            fps = engine._fixed_points(frac_bits, dtype)
+            fps = engine.fixed_points(frac_bits, dtype)
             want = [fps[i].decode(fps[i].encode(s), dtype) for i, s in enumerate((s0, s1))]
             same = all(torch.equal(a, b) for a, b in zip(back, want))
             report.errors["exact round trip"] = 0.0 if same else _rel(back, want)

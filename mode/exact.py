@@ -2,9 +2,15 @@
 
 Float inversion of a momentum layer divides by ``gamma``, so rounding errors grow like
 ``gamma^-N``. In exact mode a state ``s`` is held as an integer ``q = round(s 2^F)`` with ``F``
-fractional bits (stored in float64, exact since ``|q| < 2^STATE_BITS``; float arithmetic is
-several times faster than int64 on CPUs), and every operation of a coupling is an exact
-bijection on integers:
+fractional bits, and every operation of a coupling is an exact bijection on integers. The
+integers are stored in one of two formats (:class:`FixedPoint` ``storage``):
+
+* ``torch.float64`` (float32 and half models): exact since ``|q| < 2^STATE_BITS = 2^46``;
+  float arithmetic is several times faster than int64 on CPUs;
+* ``torch.int64`` (float64 models): ``|q| < 2^INT64_STATE_BITS = 2^60``, so that ``F`` can reach
+  float64's own resolution with a useful range (the default 48 bits leave ``|s| < 4096``).
+
+The operations:
 
 * ``+ shift * other`` and ``+ Q(phi(other))`` are integer additions, undone by subtraction
   (``Q(y) = round(y 2^F)`` is evaluated on the float value of the fixed-point ``other``, so the
@@ -33,6 +39,9 @@ import torch
 
 __all__ = [
     "DEFAULT_FRAC_BITS",
+    "MAX_FRAC_BITS",
+    "STATE_BITS",
+    "INT64_STATE_BITS",
     "MAX_DENOMINATOR",
     "FixedPointOverflow",
     "FixedPoint",
@@ -44,15 +53,20 @@ DEFAULT_FRAC_BITS = 32
 MAX_DENOMINATOR = 2**16
 # |q| < 2**STATE_BITS keeps sums of a few states exact in float64, and q * n exact for n <= 64.
 STATE_BITS = 46
+# int64 storage: |q| < 2**INT64_STATE_BITS keeps sums of a few states (and of a state and a
+# rounded shift) below 2^63; products q n never appear (q is split first, see _divide_int64).
+INT64_STATE_BITS = 60
 # floor(t / m) and ceil(t / m) are computed in float64 when |t| < 2**52 is guaranteed: t is then
 # exact, and the rounding error of t / m (below 1 / (2m)) cannot cross an integer, whose distance
 # from a non-integer t / m is at least 1 / m. Numerators n above this bound make q n too large
 # for that; q is then split as a d + b (a n + b when dividing by n) and the small part alone is
 # multiplied.
 _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
-# Up to 52 fractional bits (range |value| < 2^(46 - 52) = 1/64): a slot of small values, such
-# as a velocity v = h u of a fine grid, can hold more digits than one of order one.
-MAX_FRAC_BITS = 52
+# Up to 52 fractional bits in float64 storage (range |value| < 2^(46 - 52) = 1/64) and 56 in
+# int64 storage (range 16): a slot of small values, such as a velocity v = h u of a fine grid,
+# can hold more digits than one of order one.
+MAX_FRAC_BITS = 56
+FLOAT64_MAX_FRAC_BITS = 52
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 # A spill moves words that are at most this many bits (plus one digit) short of full: the next
 # few pushes then need no overflow test, at the price of words stored a little below 52 bits.
@@ -170,6 +184,41 @@ def _plan(n: int, d: int) -> _Plan:
     return _Plan(n, d)
 
 
+def _floor_div(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``floor(t / k)`` for int64 ``t`` (an arithmetic shift when ``k`` is a power of two)."""
+    if _is_power_of_two(k):
+        return torch.bitwise_right_shift(t, k.bit_length() - 1)
+    return torch.div(t, k, rounding_mode="floor")
+
+
+def _divide_int64(q: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q', r)`` with ``q n + c = q' d + r``, ``0 <= r < d``, ``c = floor(d / 2)``, on int64.
+
+    ``q = a d + b`` (``0 <= b < d``) is split so that only ``b n + c < 2^33`` is multiplied:
+    ``q n + c = a n d + (b n + c)``. Every intermediate stays below ``|q|`` or ``2^33``. For
+    ``n <= 4`` the product ``q n + c`` itself stays below ``2^62`` and is formed directly."""
+    if n <= 4:
+        t = torch.mul(q, n).add_(d // 2) if n != 1 else torch.add(q, d // 2)
+        out = _floor_div(t, d)
+        return out, t.add_(out, alpha=-d)
+    a = _floor_div(q, d)
+    t = torch.add(q, a, alpha=-d).mul_(n).add_(d // 2)
+    f = _floor_div(t, d)
+    r = t.add_(f, alpha=-d)
+    return f.add_(a, alpha=n), r
+
+
+def _fibre_start_int64(q: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, s)``: ``lo = ceil((q d - c) / n)``, ``s = lo n - (q d - c)`` in ``[0, n)``, on int64.
+
+    With ``q = a n + b``: ``lo = a d - floor((c - b d) / n)``, and ``|c - b d| < 2^33``."""
+    a = _floor_div(q, n)
+    u = torch.add(q, a, alpha=-n).mul_(-d).add_(d // 2)
+    f = _floor_div(u, n)
+    s = u.add_(f, alpha=-n)
+    return f.neg_().add_(a, alpha=d), s
+
+
 def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre (``r`` is
     overwritten).
@@ -202,19 +251,27 @@ def _fibre_size(s: torch.Tensor, n: int, d: int, overwrite: bool = False) -> tor
 class FixedPoint:
     """Conversion between floats and fixed point with ``frac_bits`` fractional bits.
 
-    ``encode(x) = round(x 2^F)`` (exact scaling, rounded in ``x``'s own format, held as float64),
-    ``decode(q) = q 2^-F`` rounded to the float dtype of the model. Representable magnitudes
-    are below ``2^(STATE_BITS - F)``.
+    ``encode(x) = round(x 2^F)`` (exact scaling, rounded in ``x``'s own format), held as
+    ``storage``: float64 (integers below ``2^STATE_BITS``, ``F <= 52``) or int64 (integers below
+    ``2^INT64_STATE_BITS``, ``F <= 56``). ``decode(q) = q 2^-F`` rounded to the float dtype of the
+    model. Representable magnitudes are below ``2^(state bits - F)``.
     """
 
-    def __init__(self, frac_bits: int = DEFAULT_FRAC_BITS):
+    def __init__(self, frac_bits: int = DEFAULT_FRAC_BITS, storage: torch.dtype = torch.float64):
         if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
             raise TypeError(f"frac_bits must be an int, got {frac_bits!r}")
-        if not 8 <= frac_bits <= MAX_FRAC_BITS:
-            raise ValueError(f"frac_bits must lie in [8, {MAX_FRAC_BITS}], got {frac_bits}")
+        if storage not in (torch.float64, torch.int64):
+            raise ValueError(f"storage must be torch.float64 or torch.int64, got {storage}")
+        top = MAX_FRAC_BITS if storage == torch.int64 else FLOAT64_MAX_FRAC_BITS
+        if not 8 <= frac_bits <= top:
+            hint = "" if storage == torch.int64 else (
+                f"; up to {MAX_FRAC_BITS} bits need int64 storage, which float64 models use")
+            raise ValueError(f"frac_bits must lie in [8, {top}], got {frac_bits}{hint}")
         self.frac_bits = frac_bits
+        self.storage = storage
+        self.state_bits = INT64_STATE_BITS if storage == torch.int64 else STATE_BITS
         self.scale = float(2**frac_bits)
-        self.limit = 2**STATE_BITS
+        self.limit = 2**self.state_bits
 
     @property
     def max_abs(self) -> float:
@@ -223,53 +280,78 @@ class FixedPoint:
 
     def _overflow(self, what: str) -> FixedPointOverflow:
         return FixedPointOverflow(
-            f"{what} left the exact-mode range |value| < 2^{STATE_BITS - self.frac_bits} = "
+            f"{what} left the exact-mode range |value| < 2^{self.state_bits - self.frac_bits} = "
             f"{self.max_abs:g} (frac_bits={self.frac_bits}); lower frac_bits for a wider range, "
             f"or check the network for diverging activations"
+            + (" (or a value was NaN or infinite)" if self.storage == torch.int64 else "")
         )
 
     def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
-        """``round(x 2^F)`` as integer-valued float64; raises if out of range or not finite."""
+        """``round(x 2^F)`` in ``storage``; raises if out of range or not finite."""
         x = x.detach()
-        if x.dtype != torch.float32 and x.dtype != torch.float64:
+        if self.storage == torch.int64 or (x.dtype != torch.float32 and x.dtype != torch.float64):
             x = x.to(torch.float64)  # half formats overflow at 2^F; float64 holds them exactly
         # Scaling by a power of two and rounding are exact in the input's own float format.
         y = torch.round(x * self.scale)
         if y.numel() == 0:
-            return y.to(torch.float64)
+            return y.to(self.storage)
         low, high = torch.aminmax(y)
         if not (float(low) > -self.limit and float(high) < self.limit):  # NaN fails too
             if not bool(torch.isfinite(y).all()):
                 raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
-        return y.to(torch.float64)
+        return y.to(self.storage)  # |y| < 2^60: exact in int64
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """``round(x 2^F)``, unchecked: for terms added to a state that is checked.
 
-        Integer-valued, in ``x``'s own dtype when that is float32 or float64 (scaling by a
-        power of two and rounding are exact there, and adding it to a float64 state promotes
-        exactly); float64 otherwise. A non-finite or huge ``x`` makes that state fail
-        :meth:`check`.
+        Float64 storage: integer-valued, in ``x``'s own dtype when that is float32 or float64
+        (scaling by a power of two and rounding are exact there, and adding it to a float64
+        state promotes exactly); float64 otherwise. Int64 storage: int64, with NaN and values
+        beyond ``2^62`` mapped to ``+-2^62``, which fail the range check of the state. A
+        non-finite or huge ``x`` makes that state fail :meth:`check`.
         """
+        if self.storage == torch.int64:
+            y = x.detach().to(torch.float64).mul(self.scale).round_()
+            big = float(2**62)
+            return y.clamp_(-big, big).nan_to_num_(nan=big).to(torch.int64)
         if x.dtype == torch.float32 or x.dtype == torch.float64:
             return torch.mul(x.detach(), self.scale).round_()
         return x.detach().to(torch.float64).mul_(self.scale).round_()
 
     def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``q 2^-F`` rounded once to ``dtype`` (the scaling by a power of two is exact)."""
+        """``q 2^-F`` rounded to ``dtype`` (the scaling by a power of two is exact; int64 ``q``
+        beyond ``2^53`` is rounded to float64 first)."""
+        if q.dtype == torch.int64:
+            q = q.to(torch.float64)
         if dtype == torch.float64:
             return q * (1.0 / self.scale)
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
         return torch.mul(q, 1.0 / self.scale, out=out)  # computed in float64, rounded once
 
+    def round_shift(self, q: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+        """``round(q shift 2^-bits)`` (``bits > 0``): a multiple of a slot with ``bits`` more
+        fractional bits, rounded onto this grid. A deterministic function of ``q``, so the
+        coupling that adds it stays exactly invertible."""
+        if q.dtype == torch.int64:  # to nearest, ties to even as torch.round: exact in int64
+            x = q * shift if shift != 1 else q
+            half = 1 << (bits - 1)
+            r = _floor_div(x + half, 1 << bits)
+            tie = torch.bitwise_and(x, (1 << bits) - 1) == half
+            return r.sub_(torch.bitwise_and(r, 1).mul_(tie))
+        return torch.mul(q, shift * 2.0**-bits).round_()
+
     def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
-        """``q`` itself, after checking ``|q| < 2^STATE_BITS`` (NaN and infinity fail)."""
+        """``q`` itself, after checking ``|q| < 2^state_bits`` (NaN and infinity fail)."""
         if q.numel() == 0:
             return q
         low, high = torch.aminmax(q)
-        if not (float(low) > -self.limit and float(high) < self.limit):
-            if not bool(torch.isfinite(q).all()):
+        if q.dtype == torch.int64:
+            inside = int(low) > -self.limit and int(high) < self.limit
+        else:
+            inside = float(low) > -self.limit and float(high) < self.limit  # NaN fails too
+        if not inside:
+            if q.dtype != torch.int64 and not bool(torch.isfinite(q).all()):
                 raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
         return q
@@ -377,11 +459,17 @@ class InformationBuffer:
         The rounding is ``q' = floor((q n + c) / d)`` with ``c = floor(d / 2)``: to nearest, so
         that rounding errors do not drift over many layers. With ``q n + c = q' d + r``
         (``0 <= r < d``) the fibre of ``q'`` starts at ``q - floor(r / n)`` and has
-        ``ceil((d - r mod n) / n)`` elements. ``q`` holds integers; the result is float64.
+        ``ceil((d - r mod n) / n)`` elements. ``q`` holds integers; the result is int64 for int64
+        ``q``, float64 otherwise.
         """
-        q = q.to(torch.float64)
+        if q.dtype != torch.int64:
+            q = q.to(torch.float64)
         if n != d:
-            out, r = _plan(n, d).divide(q)
+            if q.dtype == torch.int64:
+                out, r = _divide_int64(q, n, d)
+                r = r.to(torch.float64)  # digits and remainders are small: exact in float64
+            else:
+                out, r = _plan(n, d).divide(q)
             if n == 1:  # the fibre of out is [out d - c, out d - c + d): position r, size d
                 self.push(r, d, d)
             else:
@@ -396,21 +484,28 @@ class InformationBuffer:
 
         The fibre of ``q'`` starts at ``lo = ceil((q' d - c) / n)``; with
         ``s = lo n - (q' d - c)`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
-        ``overwrite=True`` lets the result take the storage of ``q`` (float64 ``q`` only).
+        ``overwrite=True`` lets the result take the storage of ``q`` (float64 or int64 ``q``).
         """
-        overwrite = overwrite and q.dtype == torch.float64
-        q = q.to(torch.float64)
+        integer = q.dtype == torch.int64
+        overwrite = overwrite and (integer or q.dtype == torch.float64)
+        if not integer:
+            q = q.to(torch.float64)
         if sign < 0:
             q = q.neg_() if overwrite else -q
             overwrite = True
         if n != d:
             if n == 1:  # |q' d| <= |q| + d: exact
-                return torch.add(self.pop(d), q, alpha=d).sub_(d // 2)
-            lo, s = _plan(n, d).fibre_start(q, overwrite)
+                return torch.add(self.pop(d).to(q.dtype), q, alpha=d).sub_(d // 2)
+            if integer:
+                lo, s = _fibre_start_int64(q, n, d)
+                s = s.to(torch.float64)
+            else:
+                lo, s = _plan(n, d).fibre_start(q, overwrite)
             del q
             size = _fibre_size(s, n, d, overwrite=True)
             del s
-            return lo.add_(self.pop(size))
+            k = self.pop(size)
+            return lo.add_(k.to(torch.int64) if integer else k)
         return q
 
     def __repr__(self) -> str:

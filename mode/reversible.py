@@ -60,6 +60,8 @@ __all__ = [
     "strategy",
     "adjoint_strategy",
     "default_frac_bits",
+    "fixed_point_storage",
+    "fixed_points",
     "Plan",
     "ReconstructionWarning",
     "AMPLIFICATION_WARN",
@@ -68,9 +70,10 @@ __all__ = [
 # Warn in float mode when eps(dtype) * prod |alpha|^-1 exceeds this relative error.
 AMPLIFICATION_WARN = 1e-3
 
-#: Default fractional bits of exact mode for float64 states: float64 gradients then match
-#: float64 autograd to about 1e-11 at depth 512, for a range |state| < 2^(46 - 38) = 256.
-DEFAULT_FRAC_BITS_FLOAT64 = 38
+#: Default fractional bits of exact mode for float64 states, held in int64: float64 gradients
+#: then match float64 autograd to about 1e-11 at depth 512 (benchmarks/bench_exact_precision.py),
+#: for a range |state| < 2^(60 - 48) = 4096.
+DEFAULT_FRAC_BITS_FLOAT64 = 48
 
 
 class ReconstructionWarning(UserWarning):
@@ -147,10 +150,16 @@ def adjoint_strategy(adjoint, frac_bits=None) -> Strategy:
     raise ValueError(f"adjoint must be False, True or 'reversible', got {adjoint!r}")
 
 
+def fixed_point_storage(dtype: torch.dtype) -> torch.dtype:
+    """How exact mode holds the fixed-point integers of ``dtype`` states: int64 for float64
+    (room for float64's resolution and a range), float64 otherwise (faster on CPUs)."""
+    return torch.int64 if dtype == torch.float64 else torch.float64
+
+
 def default_frac_bits(dtype: torch.dtype) -> int:
-    """Fractional bits of exact mode by state dtype: float64 38 (range ``|s| < 256``, float64
-    round-off in the gradients), float32, float16 and bfloat16 32 (range ``|s| < 16384``,
-    below the resolution of those formats)."""
+    """Fractional bits of exact mode by state dtype: float64 48 (int64 storage, range
+    ``|s| < 4096``, float64 round-off in the gradients), float32, float16 and bfloat16 32
+    (float64 storage, range ``|s| < 16384``, below the resolution of those formats)."""
     return DEFAULT_FRAC_BITS_FLOAT64 if dtype == torch.float64 else DEFAULT_FRAC_BITS
 
 
@@ -457,8 +466,9 @@ class _ExactCoupling(NamedTuple):
     mult: tuple[int, int, int] | None  # alpha = sign n / d; None when alpha = 1
     a: float
     alpha_grad: bool
-    shift: float  # exact multiple of q[o] added to q[t] (0: none)
-    shift_rounded: float  # multiple of q[o] rounded onto the grid of q[t] (0: none)
+    shift: int  # exact multiple of q[o] added to q[t] (0: none)
+    shift_rounded: int  # multiple of q[o] 2^-shift_bits rounded onto the grid of q[t] (0: none)
+    shift_bits: int
 
 
 def _compile_exact(c: Coupling, fps, memo: dict) -> _ExactCoupling:
@@ -471,15 +481,15 @@ def _compile_exact(c: Coupling, fps, memo: dict) -> _ExactCoupling:
     e = memo.get(key)
     if e is None:
         t, o = c.target, 1 - c.target
-        shift = rounded = 0.0
+        shift = rounded = bits = 0
         if c.shift:
             k = fps[t].frac_bits - fps[o].frac_bits
             if k >= 0:
-                shift = c.shift * 2**k
+                shift = int(c.shift) * 2**k
             else:
-                rounded = c.shift * 2.0**k
+                rounded, bits = int(c.shift), -k
         mult = None if a == 1.0 else rational(a)
-        e = memo[key] = _ExactCoupling(t, o, mult, a, alpha_grad, shift, rounded)
+        e = memo[key] = _ExactCoupling(t, o, mult, a, alpha_grad, shift, rounded, bits)
     return e
 
 
@@ -667,7 +677,7 @@ def _exact_couplings(plan: Plan, dtype):
             if e.shift:
                 new = torch.add(new, q[o], alpha=e.shift)
             elif e.shift_rounded:
-                new = torch.add(new, torch.mul(q[o], e.shift_rounded).round_())
+                new = torch.add(new, fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
             if c.phi is not None:
                 p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
@@ -865,7 +875,7 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
     if e.shift:
         q = torch.sub(q, s[o], alpha=e.shift)
     elif e.shift_rounded:
-        q = torch.sub(q, torch.mul(s[o], e.shift_rounded).round_())
+        q = torch.sub(q, fps[t].round_shift(s[o], e.shift_rounded, e.shift_bits))
     if c.phi is None and not e.alpha_grad:
         s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
         _linear_grads(c, g, t, o, e.a)
@@ -995,14 +1005,15 @@ def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> Plan | None:
 # public entry points
 
 
-def _fixed_points(frac_bits, dtype: torch.dtype) -> tuple[FixedPoint, FixedPoint]:
+def fixed_points(frac_bits, dtype: torch.dtype) -> tuple[FixedPoint, FixedPoint]:
     if frac_bits is None:
         frac_bits = default_frac_bits(dtype)
+    storage = fixed_point_storage(dtype)
     if isinstance(frac_bits, tuple | list):
         if len(frac_bits) != 2:
             raise ValueError(f"frac_bits must be an int or a pair of ints, got {frac_bits!r}")
-        return FixedPoint(frac_bits[0]), FixedPoint(frac_bits[1])
-    fp = FixedPoint(frac_bits)
+        return FixedPoint(frac_bits[0], storage), FixedPoint(frac_bits[1], storage)
+    fp = FixedPoint(frac_bits, storage)
     return fp, fp
 
 
@@ -1052,7 +1063,7 @@ def integrate(
         _log_amplification(runs)  # raises for a non-invertible coupling
     else:
         _warn_amplification(runs, s0.dtype)
-    fps = _fixed_points(how.frac_bits, s0.dtype) if how.exact else None
+    fps = fixed_points(how.frac_bits, s0.dtype) if how.exact else None
     plan = Plan(steps, couplings, args, fps, how, s0, s1)
     out = _ReversibleFunction.apply(plan, s0, s1, *plan.tensors)
     _remember(out, plan)
@@ -1159,7 +1170,8 @@ def _reverse_exact(plan: Plan, args, dtype) -> State:
                     if e.shift:
                         new = torch.sub(new, q[o], alpha=e.shift)
                     elif e.shift_rounded:
-                        new = torch.sub(new, torch.mul(q[o], e.shift_rounded).round_())
+                        new = torch.sub(new, fps[t].round_shift(q[o], e.shift_rounded,
+                                                                 e.shift_bits))
                     if c.phi is not None:
                         p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                         new = new - fps[t].quantize(p)

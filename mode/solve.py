@@ -52,9 +52,9 @@ __all__ = ["odeint", "solve", "Field", "MethodInfo", "METHODS", "known_methods",
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
-# Default fractional bits of x for adjoint="reversible" are the engine's by dtype (38 for
-# float64 states: gradients within about 1e-11 of float64 autograd on the same grid,
-# benchmarks/bench_odeint.py, for a range |x|, |u| < 2^(46 - 38) = 256; 32 otherwise).
+# Default fractional bits of x for adjoint="reversible" are the engine's by dtype (48 for
+# float64 states, held in int64: gradients at float64 round-off on the same grid, for a range
+# |x|, |u| < 2^(60 - 48) = 4096; 32 otherwise, range 2^(46 - 32) = 16384).
 
 
 # ----------------------------------------------------------------------------- method registry
@@ -492,7 +492,7 @@ def fixed_point_bits(frac_bits: int | None, dtype: torch.dtype, h: float) -> tup
     float64 states: ``x`` gets ``frac_bits`` (default :data:`DEFAULT_FRAC_BITS_FLOAT64`). The
     velocity slot holds ``v = h u``, about ``h`` times smaller, so it gets
     ``floor(log2(1 / h))`` more bits: ``x`` and ``u`` then share the range
-    ``|.| < 2^(46 - frac_bits)`` and the relative precision, and the rounding errors of ``v``
+    ``|.| < 2^(60 - frac_bits)`` (int64 storage) and the relative precision, and the rounding errors of ``v``
     no longer pile up in ``x`` over the ``eps / h`` steps they persist (each ``x`` update
     rounds ``v`` to the grid of ``x`` once instead, two more kernels per step and pass).
 
@@ -654,8 +654,9 @@ def odeint(
     options : dict, optional
         Solver options, passed to torchdiffeq. The momentum method takes ``step_size`` and,
         with ``adjoint="reversible"``, ``frac_bits`` (fractional bits of ``x`` in fixed
-        point: default 38 for float64 states, ``mode.exact.DEFAULT_FRAC_BITS`` = 32 otherwise;
-        ``x`` and ``u`` must stay below ``2^(46 - frac_bits)`` in magnitude, 256 and 16384).
+        point: default 48 for float64 states, held in int64, ``x`` and ``u`` below
+        ``2^(60 - frac_bits)`` = 4096 in magnitude; ``mode.exact.DEFAULT_FRAC_BITS`` = 32
+        otherwise, held in float64, below ``2^(46 - frac_bits)`` = 16384).
     adjoint : False, True or "reversible"
         Gradient strategy. ``False``: autograd through the solver. ``True``: torchdiffeq's
         ``odeint_adjoint``; for ``"momentum"``, backprop through the float reconstruction of

@@ -7,7 +7,18 @@ import pytest
 import torch
 
 import mode
-from mode.exact import SPILL_MARGIN_BITS, STATE_BITS, FixedPoint, InformationBuffer, rational
+from mode.exact import (
+    INT64_STATE_BITS,
+    SPILL_MARGIN_BITS,
+    STATE_BITS,
+    FixedPoint,
+    FixedPointOverflow,
+    InformationBuffer,
+    rational,
+)
+
+# The two formats that hold fixed-point integers: float64 (float32 models) and int64 (float64).
+STORAGES = [torch.float64, torch.int64]
 
 
 @pytest.mark.parametrize("depth,horizon", [(1, 1.0), (10, 1.0), (64, 3.0)])
@@ -27,23 +38,28 @@ def test_conventions_are_differentiable():
     assert g.item() == pytest.approx(0.1 / 0.25)
 
 
-@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9, 0.99, 0.37, 1 / 3, 0.7071, 0.999])
-def test_scale_is_floor_and_unscale_inverts_it(gamma):
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9, 0.99, 0.37, 1 / 3, 0.7071, 0.999, 0.25, 3 / 4])
+def test_scale_is_floor_and_unscale_inverts_it(gamma, storage):
     sign, n, d = rational(gamma)
     assert abs(n / d - gamma) < 1 / (d * 2**16) + 1e-15
-    q = torch.arange(-4000, 4000)
+    q = torch.arange(-4000, 4000).to(storage)
     buf = InformationBuffer(q.shape)
     out = buf.scale(q, sign, n, d)
+    assert out.dtype == storage
     assert out.tolist() == [(int(v) * n + d // 2) // d for v in q]  # nearest, by floor division
     assert torch.equal(buf.reader().unscale(out, sign, n, d), q)
 
 
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9, 0.99])
-def test_buffer_round_trip_through_many_layers_and_spills(gamma):
+def test_buffer_round_trip_through_many_layers_and_spills(gamma, storage):
     g = torch.Generator().manual_seed(0)
     sign, n, d = rational(gamma)
-    q0 = torch.randint(-(2**45), 2**45, (300,), generator=g)
-    shifts = [torch.randint(-(2**40), 2**40, (300,), generator=g) for _ in range(1500)]
+    top = 45 if storage == torch.float64 else 59
+    q0 = torch.randint(-(2**top), 2**top, (300,), generator=g).to(storage)
+    shifts = [torch.randint(-(2**(top - 5)), 2**(top - 5), (300,), generator=g).to(storage)
+              for _ in range(1500)]
     buf, q = InformationBuffer(q0.shape), q0.clone()
     for s in shifts:
         q = buf.scale(q, sign, n, d) + s
@@ -72,15 +88,18 @@ def test_buffer_round_trip_through_many_layers_and_spills(gamma):
     assert buf.nbytes / (300 * 1500) < 32 / 8 / 4  # far below storing a float32 activation
 
 
-@pytest.mark.parametrize("gamma", [5 / 7, 0.9, 0.99, 7261 / 58814, 0.001, 3 / 40000])
-def test_scale_is_exact_at_the_edge_of_the_state_range(gamma):
-    """Near |q| = 2^46, on the float64 path (n <= 64, any d) and the int64 one (larger n)."""
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("gamma", [5 / 7, 0.9, 0.99, 7261 / 58814, 0.001, 3 / 40000, 0.5, 3 / 4])
+def test_scale_is_exact_at_the_edge_of_the_state_range(gamma, storage):
+    """Near |q| = 2^46 in float64 storage (its forms for n <= 64 and for larger n) and near
+    2^60 in int64 storage (the direct product for n <= 4, the split otherwise)."""
     sign, n, d = rational(gamma)
-    edge = 2**STATE_BITS - 1
+    edge = 2 ** (STATE_BITS if storage == torch.float64 else INT64_STATE_BITS) - 1
     q = torch.tensor([edge, -edge, edge - 12345, -(edge - 777), 2**40 + 3, -(2**33) - 1])
+    q = q.to(storage)
     buf = InformationBuffer(q.shape)
     out = buf.scale(q, sign, n, d)
-    assert out.tolist() == [(int(v) * n + d // 2) // d for v in q]
+    assert out.tolist() == [(int(v) * n + d // 2) // d for v in q.tolist()]
     assert torch.equal(buf.reader().unscale(out, sign, n, d), q)
 
 
@@ -101,3 +120,38 @@ def test_rational_and_fixed_point_errors():
         FixedPoint(2)
     x = torch.randn(100, dtype=torch.float64)
     assert (fp.decode(fp.encode(x), torch.float64) - x).abs().max() <= 2.0**-33
+
+
+def test_int64_fixed_point_reaches_float64_resolution():
+    """int64 storage: 56 fractional bits are allowed (float64 storage stops at 52), encode and
+    decode are exact for float64 values on the grid, and NaN / infinity / huge terms added by
+    quantize make the state fail its range check instead of wrapping."""
+    with pytest.raises(ValueError, match="int64 storage"):
+        FixedPoint(54)
+    fp = FixedPoint(48, torch.int64)
+    assert fp.max_abs == 2.0 ** (INT64_STATE_BITS - 48)
+    x = torch.randn(1000, dtype=torch.float64) * 100
+    q = fp.encode(x)
+    assert q.dtype == torch.int64
+    assert (fp.decode(q, torch.float64) - x).abs().max() <= 2.0**-49
+    assert torch.equal(fp.decode(q, torch.float64) * 2.0**48, torch.round(x * 2.0**48))
+    for bad in (float("nan"), float("inf"), -float("inf"), 1e300):
+        with pytest.raises(FixedPointOverflow):
+            fp.check(q[:1] + fp.quantize(torch.tensor([bad], dtype=torch.float64)))
+    with pytest.raises(ValueError, match="NaN"):
+        fp.encode(torch.tensor([float("nan")], dtype=torch.float64))
+    with pytest.raises(FixedPointOverflow):
+        fp.encode(torch.tensor([5000.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 10])
+def test_round_shift_is_round_half_even_in_both_storages(bits):
+    """round(q shift 2^-bits) as torch.round computes it in float64 (ties to even), ties
+    included, for int64 storage too."""
+    q = torch.arange(-5000, 5000, dtype=torch.int64)
+    for shift in (1, -1, 3):
+        want = torch.round(q.to(torch.float64) * shift * 2.0**-bits)
+        got_int = FixedPoint(40, torch.int64).round_shift(q, shift, bits)
+        got_float = FixedPoint(40).round_shift(q.to(torch.float64), shift, bits)
+        assert torch.equal(got_int.to(torch.float64), want)
+        assert torch.equal(got_float, want)

@@ -72,8 +72,9 @@ class ReversibleNet(nn.Module):
         Bit-exact reconstruction in fixed point (``mode.exact``); needs ``reversible=True``.
     frac_bits : None, int or (int, int)
         Fractional bits of the fixed-point state in exact mode; ``None``: by the state's dtype
-        (:func:`mode.reversible.default_frac_bits`: 38 for float64, range ``|s| < 256``; 32
-        otherwise, range ``|s| < 16384``).
+        (:func:`mode.reversible.default_frac_bits`: 48 for float64, held in int64, range
+        ``|s| < 2^(60 - 48) = 4096``; 32 otherwise, held in float64, range
+        ``|s| < 2^(46 - 32) = 16384``).
     """
 
     def __init__(

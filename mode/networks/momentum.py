@@ -44,12 +44,14 @@ class MomentumResNet(ReversibleNet):
         ``True`` (default): activations are not stored but reconstructed from ``(x_N, v_N)``
         in backward; memory independent of depth. ``False``: plain autograd.
     exact : bool
-        Bit-exact reconstruction: states in int64 fixed point, multiplication by ``gamma`` as a
+        Bit-exact reconstruction: states in fixed point, multiplication by ``gamma`` as a
         rational with an information buffer (``mode.exact``). Needs ``reversible=True``.
     frac_bits : None, int or (int, int)
-        Fractional bits ``F`` of the fixed-point states in exact mode (range
-        ``|x|, |v| < 2^(46 - F)``). ``None`` (default): by dtype, 38 for float64 (range 256,
-        gradients at float64 round-off) and 32 otherwise (range 16384).
+        Fractional bits ``F`` of the fixed-point states in exact mode. ``None`` (default): by
+        dtype, 48 for float64 (int64 integers, range ``|x|, |v| < 2^(60 - F) = 4096``,
+        gradients within about 1e-11 of float64 autograd at depth 512) and 32 otherwise
+        (float64-held integers, range ``2^(46 - F) = 16384``). Up to 56 bits for float64
+        states, 52 otherwise (``benchmarks/RESULTS_exact_precision.md``).
 
     Shapes
     ------
