@@ -384,6 +384,7 @@ class InformationBuffer:
         self.levels: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (pushes, idx, words)
         self._index_dtype = torch.int32 if n < 2**31 else torch.int64
         self._bound = 1  # an upper bound on every word, so that most pushes need no test
+        self._owned = True  # False for a cursor whose words are another's (never written)
 
     def _spill(self, max_base: int) -> None:
         """Move the fullest words to a new level so that the next push cannot overflow."""
@@ -403,6 +404,8 @@ class InformationBuffer:
     def push(self, k: torch.Tensor, b: torch.Tensor | int, max_base: int) -> None:
         """Push digits ``k`` (``0 <= k < b <= max_base``; float64, the state's shape) in
         bases ``b`` (an int, or float64 of the state's shape)."""
+        if not self._owned:  # a cursor pushing: its words become its own first
+            self.word, self._owned = self.word.clone(), True
         if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
             self._spill(max_base)
         # in place: the open words belong to this buffer alone (readers hold clones)
@@ -418,12 +421,15 @@ class InformationBuffer:
         if self.pushes == 0:
             raise RuntimeError("pop from an empty InformationBuffer")
         quotient = torch.div(self.word, b).floor_()  # exact: words are integers below 2^52
-        # the remainder overwrites the old words, which this buffer alone holds (readers clone)
+        # The remainder overwrites the old words when this buffer alone holds them; a cursor
+        # leaves the words it was given intact (and owns the quotients from then on).
         if isinstance(b, int):
-            k = self.word.add_(quotient, alpha=-b)
+            k = self.word.add_(quotient, alpha=-b) if self._owned \
+                else torch.add(self.word, quotient, alpha=-b)
         else:
-            k = self.word.addcmul_(quotient, b, value=-1)
-        self.word = quotient
+            k = self.word.addcmul_(quotient, b, value=-1) if self._owned \
+                else torch.addcmul(self.word, quotient, b, value=-1)
+        self.word, self._owned = quotient, True
         self.pushes -= 1
         if self.levels and self.levels[-1][0] == self.pushes:
             _, idx, words = self.levels.pop()
@@ -431,14 +437,34 @@ class InformationBuffer:
         return k
 
     def reader(self) -> InformationBuffer:
-        """A cursor on the same digits: popping from it leaves this buffer intact."""
-        other = InformationBuffer.__new__(InformationBuffer)
-        other.shape = self.shape
-        other.word = self.word.clone()
-        other.pushes = self.pushes
-        other.levels = list(self.levels)  # the levels are only read, never written
-        other._index_dtype = self._index_dtype
-        other._bound = self._bound
+        """A cursor on the same digits: popping from it leaves this buffer intact (its first
+        pop allocates new words; no copy is made before)."""
+        return InformationBuffer.cursor(*self.state())
+
+    def state(self) -> tuple[tuple, list[torch.Tensor]]:
+        """``(meta, tensors)``: the tensors of the digits (open words, then the indices and the
+        words of each level) and the small metadata :meth:`cursor` needs beside them."""
+        meta = (self.shape, self.pushes, tuple(p for p, _, _ in self.levels),
+                self._index_dtype, self._bound)
+        tensors = [self.word, *(i for _, i, _ in self.levels), *(w for _, _, w in self.levels)]
+        return meta, tensors
+
+    @classmethod
+    def cursor(cls, meta: tuple, tensors) -> InformationBuffer:
+        """A cursor on the digits that :meth:`state` described (the tensors are only read)."""
+        shape, pushes, level_pushes, index_dtype, bound = meta
+        k = len(level_pushes)
+        tensors = list(tensors)
+        if len(tensors) != 1 + 2 * k:
+            raise ValueError(f"expected {1 + 2 * k} tensors for {k} levels, got {len(tensors)}")
+        other = cls.__new__(cls)
+        other.shape = torch.Size(shape)
+        other.word = tensors[0]
+        other.pushes = pushes
+        other.levels = list(zip(level_pushes, tensors[1:1 + k], tensors[1 + k:]))
+        other._index_dtype = index_dtype
+        other._bound = bound
+        other._owned = False
         return other
 
     @property

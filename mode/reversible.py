@@ -504,9 +504,9 @@ class Plan:
     :class:`~mode.exact.FixedPoint` s or ``None``), ``tensors`` (the tensors that receive
     gradients), ``grad_index`` (per step, indices into ``tensors``), ``params`` (``(module,
     name, tensor)`` the forward read), ``training`` (``(module, flag)``), ``versions``, ``rng``
-    and ``snapshots`` (per step), ``autocast``; in exact mode ``buffer`` (the
-    :class:`~mode.exact.InformationBuffer`), ``final`` (the output pair in fixed point) and
-    ``checksum`` (of the input pair).
+    and ``snapshots`` (per step), ``autocast``; in exact mode ``buffer`` (a cursor on the
+    :class:`~mode.exact.InformationBuffer`) and ``final`` (the output pair in fixed point),
+    both read through :meth:`exact_record`, and ``checksum`` (of the input pair).
     """
 
     def __init__(self, steps, couplings, args, exact, strategy_, s0, s1):
@@ -540,10 +540,46 @@ class Plan:
         self.buffer_versions: tuple | None = None
         self.rng: list = []
         self.snapshots: list = []
-        self.buffer: InformationBuffer | None = None
-        self.final: list[torch.Tensor] | None = None
+        self.live_buffer: InformationBuffer | None = None  # during the exact forward only
+        self._held: tuple | None = None  # see hold()
+        self.weak_exact = False  # set by integrate: a graph holds the exact record
         self.checksum: tuple[int, ...] | None = None
         self.compiled: dict = {}
+
+    def hold(self, q: list[torch.Tensor], meta: tuple, buffer_tensors: list) -> None:
+        """Keep what an exact forward leaves for the inverse: the output pair in fixed point and
+        the information buffer. When an autograd graph records the forward, its context saves
+        these tensors and the plan refers to them only weakly, so that they are freed once the
+        backward has read them, as autograd frees what it saves; otherwise (no_grad,
+        inference_mode) the plan holds them."""
+        tensors = (*q, *buffer_tensors)
+        if self.weak_exact:
+            self._held = (meta, tuple(weakref.ref(t) for t in tensors), True)
+        else:
+            self._held = (meta, tensors, False)
+
+    def exact_record(self) -> tuple[list[torch.Tensor], InformationBuffer]:
+        """``(final pair in fixed point, cursor on the information buffer)``."""
+        if self._held is None:
+            raise ValueError("this forward did not run in exact mode")
+        meta, held, weak = self._held
+        tensors = [r() for r in held] if weak else list(held)
+        if any(t is None for t in tensors):
+            raise ValueError(
+                "the information buffer of this exact forward was freed by its backward (as "
+                "autograd frees what it saves): invert before the backward, or run the forward "
+                "under torch.no_grad() to keep it")
+        return tensors[:2], InformationBuffer.cursor(meta, tensors[2:])
+
+    @property
+    def final(self) -> list[torch.Tensor]:
+        """The output pair of the exact forward in fixed point."""
+        return self.exact_record()[0]
+
+    @property
+    def buffer(self) -> InformationBuffer:
+        """A cursor on the information buffer of the exact forward."""
+        return self.exact_record()[1]
 
     def _index_tensors(self, steps, couplings, args) -> None:
         """The tensors that receive gradients (tensor args, parameters and tensor alphas of
@@ -667,7 +703,7 @@ def _float_couplings(args):
 
 def _exact_couplings(plan: Plan, dtype):
     """The couplings on fixed-point integers (``q`` is overwritten: nothing else holds it)."""
-    fps, buf, args, memo = plan.exact, plan.buffer, plan.args, plan.compiled
+    fps, buf, args, memo = plan.exact, plan.live_buffer, plan.args, plan.compiled
 
     def run(couplings, q):
         for c in couplings:
@@ -727,14 +763,15 @@ class _ReversibleFunction(torch.autograd.Function):
             fps = plan.exact
             q = [fps[0].encode(s0, "s0"), fps[1].encode(s1, "s1")]
             plan.checksum = _checksum(q)
-            plan.buffer = InformationBuffer(s0.shape, s0.device)
+            plan.live_buffer = InformationBuffer(s0.shape, s0.device)
             q = _forward(plan, q, _exact_couplings(plan, dtype))
-            plan.final = q
-            # the buffer's words too, so that saved-tensor hooks (memory meters) see all the
-            # backward holds; the backward reads them through the plan's cursor
-            buf = plan.buffer
-            ctx.save_for_backward(*q, buf.word, *(w for _, i, w in buf.levels),
-                                  *(i for _, i, w in buf.levels))
+            # The buffer's tensors are saved too: saved-tensor hooks (memory meters) see all
+            # the backward holds, and autograd frees them after the backward.
+            meta, buffer_tensors = plan.live_buffer.state()
+            plan.live_buffer = None
+            ctx.save_for_backward(*q, *buffer_tensors)
+            ctx.buffer_meta = meta
+            plan.hold(q, meta, buffer_tensors)
             out = [fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)]
         ctx.plan, ctx.dtype = plan, dtype
         return out[0], out[1]
@@ -749,7 +786,8 @@ class _ReversibleFunction(torch.autograd.Function):
             )
         plan, dtype = ctx.plan, ctx.dtype
         plan.check_unmodified()
-        s = list(ctx.saved_tensors[:2])  # never modified in place: updates make new tensors
+        saved = ctx.saved_tensors
+        s = list(saved[:2])  # never modified in place: updates make new tensors
         shape, device = s[0].shape, s[0].device
         g = [
             g0 if g0 is not None else torch.zeros(shape, dtype=dtype, device=device),
@@ -763,7 +801,7 @@ class _ReversibleFunction(torch.autograd.Function):
         inputs_of = [leaves[id(t)] for t in plan.tensors]
         grads: list[torch.Tensor | None] = [None] * len(inputs_of)
         exact = plan.exact
-        buf = plan.buffer.reader() if exact is not None else None
+        buf = InformationBuffer.cursor(ctx.buffer_meta, saved[2:]) if exact is not None else None
         couple = _backward_coupling if exact is None else _backward_coupling_exact
         checked: set[int] = set()
         with _replay_autocast(plan.autocast), _installed(plan, leaves):
@@ -856,10 +894,15 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         p = scaled_phi(c, other, args, _leaf(c.scale, leaves)) if c.phi is not None else None
     if p is not None and check:
         _check_closure(step, p, [other, *inputs])
-    prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
-    if p is not None:
-        prev = prev - p.detach()
-    prev = prev / a if a != 1.0 else prev
+    # one new tensor, updated in place: the same operations in the same order as before
+    if c.shift:
+        prev = torch.sub(s[t], s[o], alpha=c.shift)
+        if p is not None:
+            prev.sub_(p.detach())
+    else:
+        prev = torch.sub(s[t], p.detach()) if p is not None else s[t].clone()
+    if a != 1.0:
+        prev.div_(a)
     s[t] = prev
     _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
 
@@ -937,7 +980,9 @@ def _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -
     vjp = _grad(outputs, [other, *inputs], grad_outputs)
     if c.shift:
         g[o] = torch.add(g[o], gt, alpha=c.shift)
-    if vjp[0] is not None:
+        if vjp[0] is not None:
+            g[o].add_(vjp[0])  # the tensor just made: no second temporary
+    elif vjp[0] is not None:
         g[o] = g[o] + vjp[0]
     _accumulate(grads, idx, vjp[1:])
     g[t] = a * gt if a != 1.0 else gt
@@ -1065,6 +1110,8 @@ def integrate(
         _warn_amplification(runs, s0.dtype)
     fps = fixed_points(how.frac_bits, s0.dtype) if how.exact else None
     plan = Plan(steps, couplings, args, fps, how, s0, s1)
+    plan.weak_exact = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (s0, s1, *plan.tensors))
     out = _ReversibleFunction.apply(plan, s0, s1, *plan.tensors)
     _remember(out, plan)
     return out
@@ -1154,8 +1201,8 @@ def _training_flags(flags):
 
 def _reverse_exact(plan: Plan, args, dtype) -> State:
     plan.check_unmodified()
-    fps, buf = plan.exact, plan.buffer.reader()
-    q = list(plan.final)  # the decoded floats may hold fewer bits than the fixed point
+    fps = plan.exact
+    q, buf = plan.exact_record()  # the decoded floats may hold fewer bits than the fixed point
     with torch.no_grad(), _replay_autocast(plan.autocast), _installed(plan, {}):
         for i in range(len(plan) - 1, -1, -1):
             step = plan.step(i)

@@ -364,3 +364,29 @@ def test_in_place_modification_of_the_input_is_refused():
         z.add_(1.0)
     with pytest.raises(RuntimeError, match="an input state.*modified in place"):
         loss.backward()
+
+
+def test_exact_record_is_freed_by_the_backward_and_kept_without_a_graph():
+    """The fixed-point outputs and the information buffer live as long as autograd keeps what
+    it saved: an inverse before the backward works, after it the error says why; a forward
+    under no_grad keeps them for the inverse."""
+    import gc
+    import weakref
+
+    net = mode.MomentumResNet([mlp() for _ in range(3)], 0.8, exact=True)
+    x = x_of()
+    xN, vN = net(x, return_velocity=True)
+    plan = mode.reversible.information_buffer(xN, vN)
+    word = weakref.ref(plan.exact_record()[1].word)
+    with torch.no_grad():
+        x0, _ = net.inverse(xN, vN)
+    torch.testing.assert_close(x0, x.detach(), rtol=0, atol=2.0**-40)
+    (xN.sum() + vN.sum()).backward()
+    gc.collect()
+    assert word() is None  # freed with the saved tensors, although the plan still exists
+    with pytest.raises(ValueError, match="freed by its backward"):
+        net.inverse(xN, vN)
+    with torch.no_grad():
+        xN, vN = net(x, return_velocity=True)
+    gc.collect()
+    torch.testing.assert_close(net.inverse(xN, vN)[0], x.detach(), rtol=0, atol=2.0**-40)
