@@ -924,17 +924,27 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
         _linear_grads(c, g, t, o, e.a)
         return
     other = fps[o].decode(s[o], dtype).requires_grad_(True)
-    p = None
+    p = qp = None
     if c.phi is not None:
         with torch.enable_grad():
             p = scaled_phi(c, other, args, _leaf(c.scale, leaves))
         if check:
             _check_closure(step, p, [other, *inputs])
-        q = torch.sub(q, fps[t].quantize(p))
-    s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
-    prev = fps[t].decode(s[t], dtype) if e.alpha_grad else None
-    _vjp(c, _leaf(c.alpha, leaves), g, t, o, e.a, p, prev, other, inputs, idx, grads,
-         e.alpha_grad)
+        qp = fps[t].quantize(p)
+    alpha = _leaf(c.alpha, leaves)
+    if not e.alpha_grad:
+        # The VJP first: the graph of phi is freed before the reconstruction's temporaries
+        # exist (the reconstruction needs only the quantized p).
+        _vjp(c, alpha, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
+        del p, other
+    fresh = qp is not None or q is not s[t]
+    if qp is not None:
+        q = q.sub_(qp) if q is not s[t] else torch.sub(q, qp)
+        del qp
+    s[t] = buf.unscale(q, *e.mult, overwrite=fresh) if e.mult is not None else q
+    if e.alpha_grad:  # d/d alpha reads the reconstructed state
+        prev = fps[t].decode(s[t], dtype)
+        _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
 
 
 try:  # the engine call behind torch.autograd.grad, without its argument checks
