@@ -31,9 +31,11 @@ TITLE = "robustness to gamma: trained at gamma_train, tested at gamma_test, with
 FIGURES = ["gamma_robustness"]
 CAPTION = """
 Test accuracy of a Momentum ResNet (v_0 = 0, converted from one ResNet by mode.convert) trained
-at gamma_train (one line each; the marker is gamma_test = gamma_train) and run at gamma_test with
-the same weights: left as they are (left) and after a short refit at gamma_test (right; SGD
-from the trained weights, lr and epochs in the title). Mean over seeds, band min to max. Fig. 6
+at gamma_train (one line each; the star is the accuracy as trained, at gamma_test =
+gamma_train) and run at gamma_test with the same weights: left as they are (left) and after a
+short refit at gamma_test (right; SGD from the trained weights, lr and epochs in the title).
+Mean over seeds, band min to max. --quick: small networks on the 8 x 8 digits, 4 epochs, a
+one-epoch refit; --full: ResNet-101 on CIFAR-10 with the paper's recipe and a 20-epoch refit. Fig. 6
 (top) of the paper shows the same for Momentum ResNet-101 on CIFAR-10 (refit 20 epochs): the
 model trained at gamma = 0 (a ResNet) falls from 95.2 % to 92.5 % at gamma_test = 1 without
 refit, and a refit brings any model back to about 95 %. At gamma = 1 with v_0 = 0 the momentum

@@ -39,8 +39,10 @@ over the seeds, beside the published numbers: Table 2 of the paper (ResNet-101 a
 ResNet-101, 10 runs, 220 epochs: CIFAR-10 95.15 +- 0.12, 95.1 +- 0.13, 95.18 +- 0.06; CIFAR-100
 76.86 +- 0.25, 76.39 +- 0.18, 76.38 +- 0.42 for ResNet, v_0 = 0, learned v_0) and, on MNIST-1D
 (dotted lines), the dataset authors' baselines of other architectures (logistic regression 32 %,
-MLP 68 %, CNN 94 %, GRU 91 %). The --quick sizes are small networks trained for a few epochs on
-a CPU (digits: scikit-learn's 8 x 8 digits; MNIST-1D generated locally); --full trains
+MLP 68 %, CNN 94 %, GRU 91 %). The --quick sizes are small networks trained for 4 epochs on a
+CPU (digits: scikit-learn's 8 x 8 digits; MNIST-1D generated locally), not to convergence: they
+compare the four models under one short budget, and are no reproduction of the published
+accuracies, which need the --full sizes; --full trains
 ResNet-101-sized models on CIFAR-10 and CIFAR-100 with the paper's recipe (220 epochs, lr
 divided by 10 at epoch 180, crop and flip) on a GPU.
 """

@@ -207,3 +207,31 @@ def test_the_main_job_writes_into_a_fresh_folder():
     dev = (Path(__file__).parents[1] / "dev.sh").read_text()
     main_line = [line for line in dev.splitlines() if line.startswith("main)")]
     assert len(main_line) == 1 and "experiments all --quick --fresh" in main_line[0]
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "basic", "basic1d"])
+def test_branch_parameter_formula_counts_the_built_branch(kind):
+    from experiments.classifiers import BasicBlock1d, _branch, branch_parameters
+    from mode.models import BasicBlock, Bottleneck
+
+    block = {"bottleneck": Bottleneck(16, 4), "basic": BasicBlock(8, 8),
+             "basic1d": BasicBlock1d(8, 8)}[kind]
+    for channels, hidden in ((4, 3), (8, 5), (6, 16)):
+        built = sum(p.numel() for p in _branch(block, channels, hidden).parameters())
+        assert branch_parameters(block, channels, hidden) == built
+
+
+def test_full_size_models_match_resnet101_parameters():
+    """--full builds ResNet-101 (42.5 M parameters on CIFAR-10) and its three variants."""
+    from experiments.classifiers import count_parameters, revnet_from
+
+    setting = image_classification.CONFIGS["full"]["settings"]["cifar10"]
+    torch.manual_seed(0)
+    resnet = build_resnet((3, 32, 32), 10, block=setting["block"], layers=setting["layers"],
+                          width=setting["width"])
+    n = count_parameters(resnet)
+    assert 42e6 < n < 43e6
+    # the stem, 33 bottlenecks of 3 convolutions, 4 downsampling convolutions
+    assert sum(1 for m in resnet.modules() if isinstance(m, torch.nn.Conv2d)) == 104
+    rev = revnet_from(resnet)
+    assert abs(count_parameters(rev) - n) / n < 0.02
