@@ -59,8 +59,8 @@ PUBLISHED = {
 MNIST1D_BASELINES = {"logistic regression": 32.0, "MLP": 68.0, "CNN": 94.0, "GRU": 91.0}
 LABELS = {"resnet": "ResNet", "momentum": "Momentum ResNet, v0 = 0",
           "momentum_learned_v0": "Momentum ResNet, learned v0", "revnet": "RevNet"}
-SHORT = {"resnet": "ResNet", "momentum": "Momentum, v0 = 0",
-         "momentum_learned_v0": "Momentum, learned v0", "revnet": "RevNet"}
+SHORT = {"resnet": "ResNet", "momentum": "Momentum (v0 = 0)",
+         "momentum_learned_v0": "Momentum (learned v0)", "revnet": "RevNet"}
 DATASET_LABELS = {"digits": "digits (8 x 8)", "mnist1d": "MNIST-1D", "cifar10": "CIFAR-10",
                   "cifar100": "CIFAR-100"}
 
@@ -260,7 +260,7 @@ def summary(results: dict) -> str:
     """One line with the measured numbers, for the README."""
     parts = []
     for name, table in results["datasets"].items():
-        cells = ", ".join(f"{LABELS[m]} {_cell(row['test_accuracy'])}"
+        cells = ", ".join(f"{SHORT[m]} {_cell(row['test_accuracy'])}"
                           for m, row in table.items())
         parts.append(f"{DATASET_LABELS.get(name, name)}: {cells}")
     n = len(results["seeds"])
