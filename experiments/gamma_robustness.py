@@ -57,7 +57,7 @@ def _config(level: str, dataset: str, gammas_test: list, refit_epochs: int, refi
 CONFIGS = {
     "tiny": _config("tiny", "digits", [0.0, 1.0], 1, 0.01, 1, gammas_train=(0.0, 0.9)),
     "quick": _config("quick", "digits", [0.0, 0.25, 0.5, 0.75, 0.9, 1.0], 1, 0.01, 2),
-    "full": _config("full", "cifar10", [round(0.1 * k, 1) for k in range(11)], 20, 0.001, 3),
+    "full": _config("full", "cifar10", [round(0.1 * k, 1) for k in range(11)], 20, 0.001, 1),
 }
 
 
@@ -119,7 +119,7 @@ def run(config: dict, env=None) -> dict:
                 refit_rec = train(tested, data, refit, seed=seed + 1,
                                   checkpoint=_checkpoint(ckpt_dir, f"refit-{g_train:g}-{g:g}",
                                                          seed),
-                                  progress=Progress("gamma_robustness", quiet=True))
+                                  progress=progress, label=f"{label} refit at {g:g}")
                 row["refit"][j].append(refit_rec["test_accuracy"])
             progress(f"{label}: trained {rec['test_accuracy']:.1%}; at gamma_test "
                      + ", ".join(f"{g:g}: {row['no_refit'][j][-1]:.0%} -> "
