@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv and run the main job or the test suite.
 #
-#   bash dev.sh main    install, then regenerate every figure: python -m experiments all --quick
+#   bash dev.sh main    install, then regenerate every figure into a fresh folder runs/<UTC time>/
+#                       (python -m experiments all --quick --fresh; figures/ is the reference)
 #   bash dev.sh test    install, then run the whole test suite: python -m pytest
 #
 # torch is installed first and pinned to 2.13.0 only when no torch is importable: where a CPU
@@ -27,6 +28,6 @@ fi
     || echo "dev.sh: momentumnet not installed; experiments and benchmarks leave that peer out" >&2
 
 case "$job" in
-main) exec "$py" -m experiments all --quick ;;
+main) exec "$py" -m experiments all --quick --fresh ;;  # a new runs/<UTC time>/; figures/ stays
 test) exec "$py" -m pytest ;;
 esac

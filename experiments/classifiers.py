@@ -205,12 +205,26 @@ def _branch(block: nn.Module, channels: int, hidden: int) -> nn.Module:
     return _init(nn.Sequential(*layers))
 
 
+def branch_parameters(block: nn.Module, channels: int, hidden: int) -> int:
+    """Parameter count of ``_branch(block, channels, hidden)`` without building it.
+
+    Convolutions have no bias and every batch norm has ``2 C`` parameters: a bottleneck branch
+    has ``c h + 9 h^2 + h c + 2 (h + h + c)``, a basic one ``k (c h + h c) + 2 (h + c)`` with
+    kernel size ``k = 3`` (1-d) or ``9`` (2-d).
+    """
+    c, h = channels, hidden
+    if isinstance(block, Bottleneck):
+        return c * h + 9 * h * h + h * c + 2 * (2 * h + c)
+    k = 3 if isinstance(block, BasicBlock1d) else 9
+    return k * (c * h + h * c) + 2 * (h + c)
+
+
 def _matching_hidden(block: nn.Module, channels: int) -> int:
-    """The hidden width whose two half-channel branches have ``block``'s parameter count."""
+    """The hidden width whose two half-channel branches have ``block``'s parameter count (a
+    closed-form count per width, so that ResNet-101's 2048-channel stage is searched at once)."""
     target = count_parameters(block)
-    best = min(range(1, 4 * channels + 1),
-               key=lambda h: abs(2 * count_parameters(_branch(block, channels // 2, h)) - target))
-    return best
+    return min(range(1, 4 * channels + 1),
+               key=lambda h: abs(2 * branch_parameters(block, channels // 2, h) - target))
 
 
 def revnet_from(resnet: nn.Module) -> nn.Module:

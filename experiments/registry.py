@@ -15,8 +15,14 @@ never breaks the others.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
+import inspect
+import os
 import platform
+import shutil
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +41,9 @@ from .common import (
     write_json_atomic,
 )
 
-__all__ = ["EXPERIMENTS", "LEVELS", "get", "experiment_config", "run_experiment", "run_all"]
+__all__ = ["EXPERIMENTS", "LEVELS", "RunEnv", "OutputNotWritableError", "get",
+           "experiment_config", "dataset_overrides", "check_writable", "run_experiment",
+           "run_all"]
 
 #: Registered experiments, in the order ``all`` runs them.
 EXPERIMENTS: tuple[str, ...] = (
@@ -47,6 +55,8 @@ EXPERIMENTS: tuple[str, ...] = (
     "memory",
     "learning_to_optimize",
     "reconstruction",
+    "image_classification",
+    "gamma_robustness",
 )
 LEVELS: tuple[str, ...] = ("tiny", "quick", "full")
 
@@ -73,6 +83,63 @@ def experiment_config(name: str, level: str = "quick", *, device: str = "cpu", s
         config[key] = value
     config.update(level=level, device=device, seed=int(seed))
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEnv:
+    """What a run may use beside its configuration (not part of the cache key).
+
+    An experiment receives it when its ``run`` takes an ``env`` keyword: ``run(config, env=)``.
+    ``checkpoint_dir``: a folder of this configuration alone for resumable state (training
+    checkpoints); it survives an interrupted run, so a rerun resumes, and it is deleted once
+    the results are saved. ``data_dir``: where local datasets (CIFAR) are read from.
+    """
+
+    checkpoint_dir: Path | None = None
+    data_dir: Path | None = None
+
+
+class OutputNotWritableError(OSError):
+    """The output folder cannot be created or written (found before any work)."""
+
+
+def check_writable(out: str | Path) -> Path:
+    """Create ``out`` if needed and write (then delete) a file in it; a clear error if not."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise OutputNotWritableError(
+            f"output folder {str(out)!r} cannot be written ({reason}); choose another with "
+            "--out DIR") from err
+    return out
+
+
+def dataset_overrides(name: str, dataset: str | None) -> dict:
+    """The override that makes experiment ``name`` use ``dataset`` (``{}`` for ``None``).
+
+    An experiment with a ``"datasets"`` setting (a list) runs on ``[dataset]``; one with a
+    ``"dataset"`` setting runs on ``dataset``; any other is an error.
+    """
+    if dataset is None:
+        return {}
+    keys = get(name).CONFIGS["quick"]
+    if "datasets" in keys:
+        return {"datasets": [dataset]}
+    if "dataset" in keys:
+        return {"dataset": dataset}
+    raise ValueError(f"experiment {name} has no dataset setting; --dataset applies to "
+                     f"{', '.join(n for n in EXPERIMENTS if takes_dataset(n))}")
+
+
+def takes_dataset(name: str) -> bool:
+    """Whether experiment ``name`` has a ``dataset`` or ``datasets`` setting."""
+    keys = get(name).CONFIGS["quick"]
+    return "datasets" in keys or "dataset" in keys
 
 
 def cpu_threads() -> int:
@@ -130,6 +197,7 @@ def run_experiment(
     out: str | Path = "figures",
     force: bool = False,
     overrides: dict | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) one experiment; write ``out/name.json`` and its figures.
 
@@ -138,7 +206,10 @@ def run_experiment(
     to the JSON's folder). It is written
     last and atomically, so it marks a finished run. If it exists with the same configuration
     hash, nothing is recomputed (missing figures are re-plotted from the stored results)
-    unless ``force`` is true.
+    unless ``force`` is true. ``out`` is checked to be writable before any work
+    (:class:`OutputNotWritableError`). An experiment whose ``run`` takes ``env`` gets a
+    :class:`RunEnv` (a checkpoint folder ``out/.checkpoints/NAME-HASH``, deleted after a
+    finished run, and ``data_dir``).
 
     Returns
     -------
@@ -152,7 +223,7 @@ def run_experiment(
     revision = getattr(module, "REVISION", 0)
     # the cache key: the configuration, the experiment's revision and the library's version
     chash = config_hash({"config": config, "revision": revision, "mode": _versions()["mode"]})
-    out = Path(out)
+    out = check_writable(out)
     json_path = out / f"{name}.json"
     progress = Progress(name)
     style(dpi=50 if level == "tiny" else 150)  # smoke tests need no print-quality raster
@@ -176,9 +247,14 @@ def run_experiment(
     progress(f"running ({level}, device {device}, seed {seed}, {threads} CPU thread(s))")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    checkpoints = out / ".checkpoints" / f"{name}-{chash}"
+    kwargs = {}
+    if "env" in inspect.signature(module.run).parameters:
+        kwargs["env"] = RunEnv(checkpoint_dir=checkpoints,
+                               data_dir=None if data_dir is None else Path(data_dir))
     try:
         # plots read the JSON form of the results, exactly what a cached re-plot reads
-        results = to_jsonable(module.run(config))
+        results = to_jsonable(module.run(config, **kwargs))
         run_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +280,10 @@ def run_experiment(
         "figures": names,
     }
     write_json_atomic(json_path, record)
+    if checkpoints.exists():  # the results are saved: the resumable state is no longer needed
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            checkpoints.parent.rmdir()  # only when no other run's checkpoints are left
     progress(f"done in {run_s + plot_s:.1f} s -> {json_path}")
     return {"name": name, "status": "ran", "json": str(json_path),
             "figures": [str(out / f) for f in names], "wall_s": run_s + plot_s}
@@ -239,8 +319,14 @@ def figures_markdown(out: str | Path = "figures", level: str = "quick") -> str:
         f"python -m experiments all --{level}",
         "```",
         "",
-        f"It took {total / 60:.1f} minutes on a 2-core CPU. `--full` sizes and `--device cuda` "
-        "are meant for a GPU; `python -m experiments list` names the experiments.",
+        f"It took {total / 60:.1f} minutes on a 2-core CPU. A rerun into `figures/` of the "
+        "same configuration only prints `cached`; `bash dev.sh main` runs it with `--fresh`, "
+        "into a new folder `runs/<UTC time>/`, so that everything is recomputed and the "
+        "committed `figures/` stay the reference. `--full` sizes and `--device cuda` are meant "
+        "for a GPU; `python -m experiments list` names the experiments. The image "
+        "classification experiments take `--dataset digits|mnist1d|cifar10|cifar100`; CIFAR "
+        "(the `--full` data) is read, never downloaded, from `--data-dir DIR` holding "
+        "`cifar-10-batches-py/` or `cifar-100-python/` (the standard python version).",
         "",
     ]
     for name, module, data in entries:
