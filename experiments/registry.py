@@ -47,6 +47,9 @@ EXPERIMENTS: tuple[str, ...] = (
     "memory",
     "learning_to_optimize",
     "reconstruction",
+    "memory_batch",
+    "fine_tuning",
+    "memory_accuracy",
 )
 LEVELS: tuple[str, ...] = ("tiny", "quick", "full")
 
