@@ -17,15 +17,18 @@ Five models of each, with the same stem, head and first block of every stage:
   are the block's residual branch on half the channels (hidden width chosen so that the two
   branches have the block's convolution parameters), first blocks checkpointed.
 
-Peak = one training step (forward, cross-entropy, backward, parameter gradients included) after
-one warm-up step, measured by :func:`experiments.memory_meter.step_peak` (every CPU allocation
-event of ``torch.profiler``, or ``torch.cuda.max_memory_allocated``). The budget is the peak of
-the autograd ResNet at the largest listed batch; the largest batch of every model that fits it is
-found by measuring: start from the affine fit of the measured peaks, then step down or up until
-``b`` fits and ``b + 1`` does not (capped at ``max_batch``).
+Peak = one training step (forward, cross-entropy, backward, parameter gradients included; a
+model's first measurement follows one unmeasured warm-up step), measured by
+:func:`experiments.memory_meter.step_peak` (every CPU allocation event of ``torch.profiler``, or
+``torch.cuda.max_memory_allocated``). The budget is the peak of the autograd ResNet at the
+largest listed batch; the largest batch of every model that fits it is found by measuring
+(:func:`largest_batch`: from the affine fit of the measured peaks, bracket, then bisect; capped at
+``max_batch``).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -45,13 +48,16 @@ CAPTION = """
 Peak memory of one training step (forward, cross-entropy, backward, parameter gradients
 included; every allocation counted: torch.profiler allocation events on the CPU,
 torch.cuda.max_memory_allocated on a GPU) against batch size, for an ImageNet-shaped ResNet-152
-(left; reduced resolution at --quick, 224x224 at --full) and a deep CIFAR ResNet (right; 32x32).
-Compared: the ResNet with autograd, with torch.utils.checkpoint on every block, its Momentum
-ResNet conversion (mode.convert, gamma = 0.9) reversible in float and bit-exact, and a RevNet
-with the same stem, first blocks and parameter budget. Memory grows linearly with batch size for
-all; the slope is what a reversible network cuts. The table (bottom) gives, for a budget equal to
-the autograd ResNet's peak at the largest plotted batch, the largest batch of every model whose
-measured peak fits it.
+(left; 32x32 images at --quick, 224x224 at --full) and a deep CIFAR ResNet (right; 32x32, depth
+114 at --quick, 1202 at --full). Compared: the ResNet with autograd, with torch.utils.checkpoint
+on every block, its Momentum ResNet conversion (mode.convert, gamma = 0.9) reversible in float
+and bit-exact, and a RevNet with the same stem, first blocks and convolution parameter count.
+At --quick the ResNet-152's peak is almost all parameters and their gradients (about 222 MiB)
+because its 32x32 images leave tiny activations; there the conversions do not pay (float is
+about 1.5 MiB above autograd at batch 8, exact 11 MiB). On the deep CIFAR ResNet, where
+activations dominate, the conversions cut the slope against batch size. The table gives, for a
+budget equal to the autograd ResNet's peak at the largest plotted batch, the largest batch of
+every model whose measured peak fits it ("+": the search cap was reached).
 """
 REVISION = 1
 MODELS = ("resnet", "checkpoint", "momentum_float", "momentum_exact", "revnet")
@@ -68,8 +74,8 @@ CONFIGS = {
     "quick": {"architectures": ["resnet152", "cifar_deep"],
               "budget_architectures": ["cifar_deep"],
               "resnet152_layers": [3, 8, 36, 3], "resnet152_width": 64, "resolution": 32,
-              "resnet152_batches": [2, 4, 8], "cifar_blocks": 14, "cifar_width": 16,
-              "cifar_deep_batches": [4, 8, 16], "gamma": 0.9, "max_batch": 96},
+              "resnet152_batches": [2, 8], "cifar_blocks": 14, "cifar_width": 16,
+              "cifar_deep_batches": [4, 8], "gamma": 0.9, "max_batch": 48},
     "full": {"architectures": ["resnet152", "cifar_deep"],
              "budget_architectures": ["resnet152", "cifar_deep"],
              "resnet152_layers": [3, 8, 36, 3], "resnet152_width": 64, "resolution": 224,
@@ -180,15 +186,21 @@ def build_models(net: nn.Module, gamma: float) -> dict[str, nn.Module]:
     }
 
 
+_WARM: weakref.WeakSet = weakref.WeakSet()  # models that had their warm-up step
+
+
 def peak_at(model: nn.Module, shape, batch: int, device: torch.device) -> int:
-    """Measured peak bytes of one training step at ``batch`` (after one warm-up step)."""
+    """Measured peak bytes of one training step at ``batch`` (the first measurement of a model
+    follows one unmeasured warm-up step: lazy initializations are not part of a step)."""
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, *shape, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     model.train()
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(x), y).backward()  # warm-up (allocator, plans)
-    model.zero_grad(set_to_none=True)
+    if model not in _WARM:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        _WARM.add(model)
     return step_peak(model, x, y).bytes
 
 
