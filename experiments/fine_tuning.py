@@ -55,8 +55,8 @@ REVISION = 1
 CONFIGS = {
     "tiny": {"dataset": "digits", "source": [0, 1, 2, 3, 4], "target": [5, 6, 7, 8, 9],
              "layers": [2, 3, 2, 2], "width": 8, "pretrain_epochs": 1, "epochs": 1,
-             "resnet_batch": 8, "lr": 0.02, "gamma": 0.9, "max_batch": 24,
-             "n_train": 120, "n_test": 100},
+             "resnet_batch": 8, "lr": 0.02, "gamma": 0.9, "max_batch": 20,
+             "n_train": 60, "n_test": 40},
     "quick": {"dataset": "digits", "source": [0, 1, 2, 3, 4], "target": [5, 6, 7, 8, 9],
               "layers": [2, 4, 4, 2], "width": 16, "pretrain_epochs": 3, "epochs": 4,
               "resnet_batch": 16, "lr": 0.02, "gamma": 0.9, "max_batch": 96,

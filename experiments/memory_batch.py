@@ -70,7 +70,7 @@ CONFIGS = {
     "tiny": {"architectures": ["cifar_deep"], "budget_architectures": ["cifar_deep"],
              "resnet152_layers": [1, 2, 2, 1], "resnet152_width": 8, "resolution": 64,
              "resnet152_batches": [1, 2], "cifar_blocks": 2, "cifar_width": 8,
-             "cifar_deep_batches": [2, 4], "gamma": 0.9, "max_batch": 6},
+             "cifar_deep_batches": [2, 4], "gamma": 0.9, "max_batch": 5},
     "quick": {"architectures": ["resnet152", "cifar_deep"],
               "budget_architectures": ["cifar_deep"],
               "resnet152_layers": [3, 8, 36, 3], "resnet152_width": 64, "resolution": 32,

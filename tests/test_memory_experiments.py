@@ -1,5 +1,5 @@
 """The memory experiments (memory_batch, fine_tuning, memory_accuracy): their pieces against
-independent ground truth, and each end to end at a reduced ``--tiny``."""
+independent ground truth, and each end to end at ``--tiny``."""
 
 from __future__ import annotations
 
@@ -89,8 +89,7 @@ def _load(path):
 
 
 def test_memory_batch_tiny_end_to_end(tmp_path):
-    out = run_experiment("memory_batch", "tiny", out=tmp_path,
-                         overrides={"cifar_deep_batches": [2, 4], "max_batch": 5})
+    out = run_experiment("memory_batch", "tiny", out=tmp_path)
     res = _load(out["json"])["results"]
     arch = res["architectures"]["cifar_deep"]
     assert set(arch) == set(memory_batch.MODELS)
@@ -105,8 +104,7 @@ def test_memory_batch_tiny_end_to_end(tmp_path):
 
 
 def test_fine_tuning_tiny_end_to_end(tmp_path):
-    out = run_experiment("fine_tuning", "tiny", out=tmp_path,
-                         overrides={"n_train": 60, "n_test": 40, "max_batch": 20})
+    out = run_experiment("fine_tuning", "tiny", out=tmp_path)
     res = _load(out["json"])["results"]
     assert res["momentum_peak_bytes"] <= res["budget_bytes"]  # it fits the budget it was given
     assert 1 <= res["momentum_batch"] <= 20
@@ -117,8 +115,7 @@ def test_fine_tuning_tiny_end_to_end(tmp_path):
 
 
 def test_memory_accuracy_tiny_end_to_end(tmp_path):
-    out = run_experiment("memory_accuracy", "tiny", out=tmp_path,
-                         overrides={"gammas": [0.9], "n_train": 64, "n_test": 40})
+    out = run_experiment("memory_accuracy", "tiny", out=tmp_path)
     res = _load(out["json"])["results"]
     assert set(res["models"]) == {"resnet", "momentum_0.9"}
     m = res["models"]["momentum_0.9"]
