@@ -37,7 +37,7 @@ def _quiet(monkeypatch):
 def test_registry_has_the_eight_experiments_with_their_interface():
     assert set(NAMES) == {"dynamics_1d", "nested_rings", "ode_limit", "trajectories",
                           "representability", "memory", "learning_to_optimize",
-                          "reconstruction"}
+                          "reconstruction", "memory_batch", "fine_tuning", "memory_accuracy"}
     for name in NAMES:
         module = registry.get(name)
         assert set(module.CONFIGS) == {"tiny", "quick", "full"}, name
