@@ -26,6 +26,8 @@ fi
 # this torch, and it would pull another torch), which it does not need for what we use.
 "$py" -m pip install -q --no-deps "momentumnet==0.10" \
     || echo "dev.sh: momentumnet not installed; experiments and benchmarks leave that peer out" >&2
+"$py" -m pip install -q --no-deps "revlib==1.7.2" "memcnn==1.5.2" \
+    || echo "dev.sh: revlib / memcnn not installed; benchmarks/bench_peers.py leaves them out" >&2
 
 case "$job" in
 main) exec "$py" -m experiments all --quick --fresh ;;  # a new runs/<UTC time>/; figures/ stays

@@ -57,6 +57,9 @@ EXPERIMENTS: tuple[str, ...] = (
     "reconstruction",
     "image_classification",
     "gamma_robustness",
+    "memory_batch",
+    "fine_tuning",
+    "memory_accuracy",
 )
 LEVELS: tuple[str, ...] = ("tiny", "quick", "full")
 

@@ -35,9 +35,10 @@ def _quiet(monkeypatch):
 
 
 def test_registry_has_the_experiments_with_their_interface():
-    assert set(NAMES) >= {"dynamics_1d", "nested_rings", "ode_limit", "trajectories",
+    assert set(NAMES) == {"dynamics_1d", "nested_rings", "ode_limit", "trajectories",
                           "representability", "memory", "learning_to_optimize",
-                          "reconstruction", "image_classification", "gamma_robustness"}
+                          "reconstruction", "image_classification", "gamma_robustness",
+                          "memory_batch", "fine_tuning", "memory_accuracy"}
     assert len(set(NAMES)) == len(NAMES)
     for name in NAMES:
         module = registry.get(name)
