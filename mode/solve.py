@@ -492,9 +492,10 @@ def fixed_point_bits(frac_bits: int | None, dtype: torch.dtype, h: float) -> tup
     float64 states: ``x`` gets ``frac_bits`` (default :data:`DEFAULT_FRAC_BITS_FLOAT64`). The
     velocity slot holds ``v = h u``, about ``h`` times smaller, so it gets
     ``floor(log2(1 / h))`` more bits: ``x`` and ``u`` then share the range
-    ``|.| < 2^(60 - frac_bits)`` (int64 storage) and the relative precision, and the rounding errors of ``v``
-    no longer pile up in ``x`` over the ``eps / h`` steps they persist (each ``x`` update
-    rounds ``v`` to the grid of ``x`` once instead, two more kernels per step and pass).
+    ``|.| < 2^(60 - frac_bits)`` (int64 storage) and the relative precision, and the rounding
+    errors of ``v`` no longer pile up in ``x`` over the ``eps / h`` steps they persist (each
+    ``x`` update rounds ``v`` to the grid of ``x`` once instead, two more kernels per step and
+    pass).
 
     Other dtypes: both slots get ``frac_bits`` (default ``mode.exact.DEFAULT_FRAC_BITS``).
     2^-32 is far below float32's own resolution, which the decoded ``x`` of every step is
