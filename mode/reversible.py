@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -445,6 +446,30 @@ def _installed(plan: Plan, leaves: dict[int, torch.Tensor]):
             m._parameters[name] = p
 
 
+def _refuse_sharded_functions(modules) -> None:
+    """Refuse a residual function that is its own FSDP unit (``fully_shard``, or FSDP1).
+
+    Such a unit gathers its parameters in its own forward hook and reduce-scatters in its own
+    backward hooks; in the engine's recomputation those hooks would replace the parameters the
+    engine installs and reduce before the engine's gradients exist. Sharding the network that
+    holds the functions (or any module around it) works. Costs nothing unless FSDP is imported.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None),
+                              getattr(fsdp, "FullyShardedDataParallel", None)) if k is not None)
+    for m in modules:
+        if isinstance(m, kinds):
+            raise NotImplementedError(
+                f"a residual function of the reversible engine is itself an FSDP unit "
+                f"({type(m).__name__}): its hooks would gather and reduce its parameters around "
+                f"the engine's recomputation, not around the gradients. Apply fully_shard to the "
+                f"network that holds the functions (e.g. the MomentumResNet) or to a module "
+                f"around it, not to each function; or use reversible=False"
+            )
+
+
 # --------------------------------------------------------------------------------------------
 # the plan
 
@@ -521,6 +546,7 @@ class Plan:
                     seen_m.add(id(m))
                     modules.append(m)
         self.params = tuple(params)
+        _refuse_sharded_functions(modules)
         self.training = tuple((m, m.training) for m in modules)
         self._index_tensors(steps, couplings, args)
         watched = {id(t): t for t in (*self.tensors, *(p for _, _, p in params))}
