@@ -721,7 +721,9 @@ def _verify_reconstruction(plan: Plan, q: list[torch.Tensor]) -> None:
             "were replayed, so a residual function gave different outputs for the same input "
             "bits in the two passes: a non-deterministic kernel (on a GPU, call "
             "torch.use_deterministic_algorithms(True) and set "
-            "torch.backends.cudnn.benchmark = False), or state outside its parameters and "
+            "torch.backends.cudnn.benchmark = False), residual functions compiled with "
+            "torch.compile whose forward and recomputation graphs round differently "
+            "(mode.compile_functions(model, False)), or state outside its parameters and "
             "buffers (a Python attribute it changes). Gradients would be wrong."
         )
 
@@ -1122,10 +1124,11 @@ def integrate(
     compile : None, bool or dict
         Run every residual function through ``torch.compile`` (a dict: its keyword
         arguments), in the forward, the backward's recomputation and :func:`reverse` alike
-        (:func:`compiled_function`). ``None`` (default): when this call is itself being
-        compiled (``torch.compile`` of a model holding the network) and ``reversible=True``,
-        with torch.compile's default options. Not for a StepGrid (its couplings are made per
-        call). The engine itself is not traced: ``torch.compile`` breaks the graph at it (with
+        (:func:`compiled_function`). ``None`` (default): in float mode, when this call is
+        itself being compiled (``torch.compile`` of a model holding the network), with
+        torch.compile's default options; exact mode compiles them only on request, since a
+        compiled forward and recomputation may round differently. Not for a StepGrid (its
+        couplings are made per call). The engine itself is not traced: ``torch.compile`` breaks the graph at it (with
         ``fullgraph=True``: an error naming the reason).
     """
     how = strategy(reversible, exact, frac_bits)
@@ -1138,8 +1141,8 @@ def integrate(
     run = _integrate_reversible
     if torch.compiler.is_compiling():  # being traced: the engine is one opaque call
         run = _OPAQUE.get("run") or _opaque()
-        if compile is None:
-            compile = True
+        if compile is None:  # exact mode: on request only (see _verify_reconstruction)
+            compile = not how.exact
     return run(how, steps, s0, s1, args, _compile_options(compile))
 
 

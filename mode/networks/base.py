@@ -101,7 +101,7 @@ class ReversibleNet(nn.Module):
 
     #: ``True`` or a dict of ``torch.compile`` options: the engine runs every residual
     #: function compiled (forward, recomputation and inverse); ``False``: never; ``None``
-    #: (default): when the network is called inside ``torch.compile``. See
+    #: (default): in float mode, when the network is called inside ``torch.compile``. See
     #: ``mode.compile_functions``.
     compile_functions: bool | dict | None = None
 
