@@ -157,7 +157,17 @@ def test_inductor_compiled_reversible_model_matches_eager():
     for how in ("float", "exact"):
         want = _eager(how, [x])[0]
         model = _model(how)
-        mode.compile_functions(model)  # inductor, torch.compile's default
+        if how == "exact":  # on request (float mode: by default under torch.compile)
+            mode.compile_functions(model)  # inductor, torch.compile's default
         got = _step(torch.compile(model), x)
+        assert list(mode.reversible._compiled_calls) == [()]  # the functions ran compiled
         for a, b in zip(got, want):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_mode_compiles_functions_on_request_only():
+    """Under torch.compile, exact mode leaves the residual functions eager unless asked (a
+    compiled forward and recomputation may round differently, which exact mode refuses)."""
+    model = _model("exact")
+    _step(torch.compile(model, backend=Counting()), _x())
+    assert not mode.reversible._compiled_calls
