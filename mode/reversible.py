@@ -1128,8 +1128,8 @@ def integrate(
         itself being compiled (``torch.compile`` of a model holding the network), with
         torch.compile's default options; exact mode compiles them only on request, since a
         compiled forward and recomputation may round differently. Not for a StepGrid (its
-        couplings are made per call). The engine itself is not traced: ``torch.compile`` breaks the graph at it (with
-        ``fullgraph=True``: an error naming the reason).
+        couplings are made per call). The engine itself is not traced: ``torch.compile``
+        breaks the graph at it (with ``fullgraph=True``: an error naming the reason).
     """
     how = strategy(reversible, exact, frac_bits)
     steps = _check_steps(steps)
