@@ -1136,10 +1136,10 @@ def integrate(
     s0, s1 = _check_state(state)
     args = tuple(args)
     if not how.reversible:  # plain autograd: an outer torch.compile traces it whole
-        options = None if torch.compiler.is_compiling() else _compile_options(compile)
+        options = None if _is_compiling() else _compile_options(compile)
         return _apply_chain(steps, (s0, s1), args, options=options)[-1]
     run = _integrate_reversible
-    if torch.compiler.is_compiling():  # being traced: the engine is one opaque call
+    if _is_compiling():  # being traced: the engine is one opaque call
         run = _OPAQUE.get("run") or _opaque()
         if compile is None:  # exact mode: on request only (see _verify_reconstruction)
             compile = not how.exact
@@ -1155,11 +1155,21 @@ _OPAQUE_REASON = (
     "or reversible=False for one graph")
 
 
+def _is_compiling() -> bool:
+    """Whether dynamo is tracing this call (``torch.compiler.is_compiling``, torch >= 2.3)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 def _opaque():
     """:func:`_integrate_reversible` behind ``torch.compiler.disable``, made at the first
     compiled call (making it at import would import dynamo with mode, seconds)."""
-    _OPAQUE["run"] = torch.compiler.disable(_integrate_reversible, reason=_OPAQUE_REASON)
-    return _OPAQUE["run"]
+    try:
+        run = torch.compiler.disable(_integrate_reversible, reason=_OPAQUE_REASON)
+    except TypeError:  # torch < 2.7: no reason
+        run = torch.compiler.disable(_integrate_reversible)
+    _OPAQUE["run"] = run
+    return run
 
 
 def _integrate_reversible(how, steps, s0, s1, args, options) -> State:
