@@ -27,6 +27,7 @@ from .networks import (
     NeuralODE,
     ReversibleNet,
     RevNet,
+    compile_functions,
 )
 from .solve import odeint
 from .steps import Coupling, MomentumStep, ReversibleStep
@@ -59,4 +60,5 @@ __all__ = [
     # continuous solvers and conversion
     "odeint",
     "convert",
+    "compile_functions",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ __all__ = [
     "default_frac_bits",
     "fixed_point_storage",
     "fixed_points",
+    "compiled_function",
     "Plan",
     "ReconstructionWarning",
     "AMPLIFICATION_WARN",
@@ -468,6 +470,30 @@ def _installed(plan: Plan, leaves: dict[int, torch.Tensor]):
             m._parameters[name] = p
 
 
+def _refuse_sharded_functions(modules) -> None:
+    """Refuse a residual function that is its own FSDP unit (``fully_shard``, or FSDP1).
+
+    Such a unit gathers its parameters in its own forward hook and reduce-scatters in its own
+    backward hooks; in the engine's recomputation those hooks would replace the parameters the
+    engine installs and reduce before the engine's gradients exist. Sharding the network that
+    holds the functions (or any module around it) works. Costs nothing unless FSDP is imported.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None),
+                              getattr(fsdp, "FullyShardedDataParallel", None)) if k is not None)
+    for m in modules:
+        if isinstance(m, kinds):
+            raise NotImplementedError(
+                f"a residual function of the reversible engine is itself an FSDP unit "
+                f"({type(m).__name__}): its hooks would gather and reduce its parameters around "
+                f"the engine's recomputation, not around the gradients. Apply fully_shard to the "
+                f"network that holds the functions (e.g. the MomentumResNet) or to a module "
+                f"around it, not to each function; or use reversible=False"
+            )
+
+
 # --------------------------------------------------------------------------------------------
 # the plan
 
@@ -545,6 +571,7 @@ class Plan:
                     seen_m.add(id(m))
                     modules.append(m)
         self.params = tuple(params)
+        _refuse_sharded_functions(modules)
         self.training = tuple((m, m.training) for m in modules)
         self._index_tensors(steps, couplings, args)
         watched = {id(t): t for t in (*self.tensors, *(p for _, _, p in params))}
@@ -754,7 +781,9 @@ def _verify_reconstruction(plan: Plan, q: list[torch.Tensor]) -> None:
             "were replayed, so a residual function gave different outputs for the same input "
             "bits in the two passes: a non-deterministic kernel (on a GPU, call "
             "torch.use_deterministic_algorithms(True) and set "
-            "torch.backends.cudnn.benchmark = False), or state outside its parameters and "
+            "torch.backends.cudnn.benchmark = False), residual functions compiled with "
+            "torch.compile whose forward and recomputation graphs round differently "
+            "(mode.compile_functions(model, False)), or state outside its parameters and "
             "buffers (a Python attribute it changes). Gradients would be wrong."
         )
 
@@ -1071,6 +1100,59 @@ def information_buffer(s0: torch.Tensor, s1: torch.Tensor) -> Plan | None:
 
 
 # --------------------------------------------------------------------------------------------
+# compiled residual functions
+
+
+def _call(phi, x, *args):
+    """``phi(x, *args)``: the frame that ``torch.compile`` traces, inlining ``phi``. One frame
+    for every function: built-in modules' parameters are inputs of the graph, so functions of
+    one structure share a graph (one per grad mode), however many there are."""
+    return phi(x, *args)
+
+
+_compiled_calls: dict = {}
+
+
+def compiled_function(options: dict | None = None):
+    """``torch.compile(_call, **options)``, made once per set of options: the compiled
+    ``(phi, x, *args) -> phi(x, *args)`` that the engine calls with ``compile=``."""
+    options = dict(options or {})
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    fn = _compiled_calls.get(key)
+    if fn is None:
+        fn = _compiled_calls[key] = torch.compile(_call, **options)
+    return fn
+
+
+class _CompiledPhi:
+    """A residual function called through :func:`compiled_function`."""
+
+    __slots__ = ("phi", "fn")
+
+    def __init__(self, phi, options: dict):
+        self.phi, self.fn = phi, compiled_function(options)
+
+    def __call__(self, x, *args):
+        return self.fn(self.phi, x, *args)
+
+
+def _compile_options(compile) -> dict | None:
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, dict):
+        return compile
+    raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
+
+
+def _compiled_coupling(c: Coupling, options: dict) -> Coupling:
+    if c.phi is None or isinstance(c.phi, _CompiledPhi):
+        return c
+    return c._replace(phi=_CompiledPhi(c.phi, options))
+
+
+# --------------------------------------------------------------------------------------------
 # public entry points
 
 
@@ -1094,6 +1176,7 @@ def integrate(
     reversible: bool = True,
     exact: bool = False,
     frac_bits: int | tuple[int, int] | None = None,
+    compile: bool | dict | None = None,
 ) -> State:
     """Run ``steps`` on ``state = (s0, s1)``; return the final pair.
 
@@ -1118,15 +1201,63 @@ def integrate(
         :func:`default_frac_bits`). A slot whose values are much smaller than the other's (a
         velocity ``v = h u`` with a small step ``h``) keeps more digits with more bits; a
         shift from it onto a slot with fewer bits is rounded there.
+    compile : None, bool or dict
+        Run every residual function through ``torch.compile`` (a dict: its keyword
+        arguments), in the forward, the backward's recomputation and :func:`reverse` alike
+        (:func:`compiled_function`). ``None`` (default): in float mode, when this call is
+        itself being compiled (``torch.compile`` of a model holding the network), with
+        torch.compile's default options; exact mode compiles them only on request, since a
+        compiled forward and recomputation may round differently. Not for a StepGrid (its
+        couplings are made per call). The engine itself is not traced: ``torch.compile``
+        breaks the graph at it (with ``fullgraph=True``: an error naming the reason).
     """
     how = strategy(reversible, exact, frac_bits)
     steps = _check_steps(steps)
     s0, s1 = _check_state(state)
     args = tuple(args)
-    if not how.reversible:
-        return _apply_chain(steps, (s0, s1), args)[-1]
+    if not how.reversible:  # plain autograd: an outer torch.compile traces it whole
+        options = None if _is_compiling() else _compile_options(compile)
+        return _apply_chain(steps, (s0, s1), args, options=options)[-1]
+    run = _integrate_reversible
+    if _is_compiling():  # being traced: the engine is one opaque call
+        run = _OPAQUE.get("run") or _opaque()
+        if compile is None:  # exact mode: on request only (see _verify_reconstruction)
+            compile = not how.exact
+    return run(how, steps, s0, s1, args, _compile_options(compile))
+
+
+_OPAQUE: dict = {}
+
+_OPAQUE_REASON = (
+    "mode's reversible engine is opaque to torch.compile: its backward is a hand-written "
+    "reconstruction driven by Python (plans, RNG and buffer replay, fixed-point checks). The "
+    "residual functions inside it run compiled (integrate's compile=); use fullgraph=False, "
+    "or reversible=False for one graph")
+
+
+def _is_compiling() -> bool:
+    """Whether dynamo is tracing this call (``torch.compiler.is_compiling``, torch >= 2.3)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+def _opaque():
+    """:func:`_integrate_reversible` behind ``torch.compiler.disable``, made at the first
+    compiled call (making it at import would import dynamo with mode, seconds)."""
+    try:
+        run = torch.compiler.disable(_integrate_reversible, reason=_OPAQUE_REASON)
+    except TypeError:  # torch < 2.7: no reason
+        run = torch.compiler.disable(_integrate_reversible)
+    _OPAQUE["run"] = run
+    return run
+
+
+def _integrate_reversible(how, steps, s0, s1, args, options) -> State:
+    """The reversible part of :func:`integrate` (not traced by dynamo: :func:`_opaque`)."""
     _refuse_functorch((s0, s1, *args))
     couplings = _step_couplings(steps)
+    if options is not None and couplings is not None:
+        couplings = [tuple(_compiled_coupling(c, options) for c in cs) for cs in couplings]
     runs = _runs(steps, couplings)
     if how.exact:
         _log_amplification(runs)  # raises for a non-invertible coupling
@@ -1251,7 +1382,8 @@ def _reverse_exact(plan: Plan, args, dtype) -> State:
     return fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)
 
 
-def _apply_chain(steps, s: State, args: tuple, keep: bool = False) -> list[State]:
+def _apply_chain(steps, s: State, args: tuple, keep: bool = False,
+                 options: dict | None = None) -> list[State]:
     """The chain in plain (differentiable) float arithmetic: the last pair, or every pair."""
     out = [s]
     for i in range(len(steps)):
@@ -1260,6 +1392,8 @@ def _apply_chain(steps, s: State, args: tuple, keep: bool = False) -> list[State
         else:
             step = steps[i]
             couplings = step.couplings()
+            if options is not None:
+                couplings = [_compiled_coupling(c, options) for c in couplings]
         x = list(s)
         for c in couplings:
             x[c.target] = coupling_update(c, x, args)

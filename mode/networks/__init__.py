@@ -1,6 +1,6 @@
 """``nn.Module`` front ends: every network is a chain of reversible steps run by one engine."""
 
-from .base import ReversibleNet
+from .base import ReversibleNet, compile_functions
 from .coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet
 from .momentum import MomentumResNet
 from .ode import MomentumNeuralODE, NeuralODE
@@ -15,4 +15,5 @@ __all__ = [
     "MRevNet",
     "NeuralODE",
     "MomentumNeuralODE",
+    "compile_functions",
 ]

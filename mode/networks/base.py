@@ -10,7 +10,7 @@ from torch import nn
 from .. import reversible as engine
 from ..steps import ReversibleStep, State
 
-__all__ = ["ReversibleNet"]
+__all__ = ["ReversibleNet", "compile_functions"]
 
 Function = Callable[..., torch.Tensor]
 
@@ -100,6 +100,12 @@ class ReversibleNet(nn.Module):
     def depth(self) -> int:
         return len(self.chain())
 
+    #: ``True`` or a dict of ``torch.compile`` options: the engine runs every residual
+    #: function compiled (forward, recomputation and inverse); ``False``: never; ``None``
+    #: (default): in float mode, when the network is called inside ``torch.compile``. See
+    #: ``mode.compile_functions``.
+    compile_functions: bool | dict | None = None
+
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
         return engine.integrate(
             self.chain(),
@@ -108,6 +114,7 @@ class ReversibleNet(nn.Module):
             reversible=self.reversible,
             exact=self.exact,
             frac_bits=self.frac_bits,
+            compile=self.compile_functions,
         )
 
     def inverse(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
@@ -122,3 +129,22 @@ class ReversibleNet(nn.Module):
     def extra_repr(self) -> str:
         mode = "exact" if self.exact else ("float" if self.reversible else "off")
         return f"depth={self.depth}, reversible={self.reversible} ({mode})"
+
+
+def compile_functions(model: nn.Module, enabled: bool = True, **options) -> int:
+    """Make the reversible engine run the residual functions of every mode network inside
+    ``model`` (``MomentumResNet``, ``RevNet``, ..., converted stages) through ``torch.compile``
+    (keyword ``options``, e.g. ``mode="max-autotune"``), in the forward pass, the backward's
+    recomputation and ``inverse``. ``enabled=False`` never compiles them (not even inside a
+    compiled model). The model's modules, parameters and state_dict are unchanged. Returns the
+    number of networks set."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    setting = (options or True) if enabled else False
+    engine._compile_options(setting)  # validates
+    count = 0
+    for m in model.modules():
+        if isinstance(m, ReversibleNet):
+            m.compile_functions = setting
+            count += 1
+    return count

@@ -93,6 +93,9 @@ class MomentumResNet(ReversibleNet):
         self.frac_bits = frac_bits
         self._steps: list[MomentumStep] = []
         self._steps_key: tuple = ()
+        # built now, not at the first call: a first call that changes these attributes would
+        # make torch.compile recompile the network at its second call
+        self.chain()
 
     def chain(self) -> list[MomentumStep]:
         key = (id(self.gamma), *map(id, self.functions))
