@@ -223,16 +223,17 @@ def _back(D: np.ndarray, eps: float) -> tuple[bool, str, float]:
     return cert.passed, f"certificate error {cert.error:.2e}", cert.error
 
 
-def claim_growth(rng: np.random.Generator, quick: bool) -> dict:
+def claim_growth(rng: np.random.Generator, quick: bool, n: int | None = None) -> dict:
     """Claim 4: the representable sets grow with eps (nested), over sampled matrices.
 
     Every decision of :func:`is_representable` is checked: a positive one by a preimage of ``D``
     itself (scale 1) certified by ``solve_ivp``; for diagonalizable samples, positive and negative
     ones against :func:`_eigen_verdict` (eigenvalues against ``m_eps``, with multiplicities).
     An undecided one (:class:`theory.Undecided`) is counted apart, never as ``False``.
+    ``n`` overrides the number of sampled matrices (30 quick, 300 full).
     """
     ladder = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
-    n = 30 if quick else 300
+    n = n or (30 if quick else 300)
     names = list(FAMILIES)
     mats = [sample_family(names[i % len(names)], rng) for i in range(n)]
     counts = [0] * len(ladder)
@@ -326,14 +327,14 @@ def claim_first_order_det(rng: np.random.Generator, quick: bool) -> dict:
     )
 
 
-def claim_up_to_factor(rng: np.random.Generator, quick: bool) -> dict:
+def claim_up_to_factor(rng: np.random.Generator, quick: bool, per: int | None = None) -> dict:
     """Claim 6: momentum represents every sampled real matrix up to a positive factor.
 
     The factor ``lambda`` used is recorded; ``lambda < 1`` for a matrix that
     :func:`is_representable` calls representable at that eps is a failure (the scale-1 preimage
-    the criterion promises was not found)."""
+    the criterion promises was not found).  ``per``: samples per family and eps (2 quick, 6)."""
     epss = [0.05, 0.2, 1.0, 5.0] if quick else [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0]
-    per = 2 if quick else 6
+    per = per or (2 if quick else 6)
     worst, failures, tried, amplification = 0.0, [], 0, 0.0
     factors = {name: [] for name in FAMILIES}
     scales_used = []
