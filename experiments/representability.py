@@ -24,10 +24,12 @@ from torch import nn
 
 import mode
 import theory
+from theory.range import min_gain_point
 
 from .common import Progress, color, resolve_device, save_figure, seed_everything
 
-TITLE = "representability: Psi_eps, m_eps, and fitting diag(-1, 1) up to scale"
+TITLE = ("representability: Psi_eps, m_eps, the depth-N range, and fitting diag(-1, 1) up to "
+         "scale")
 FIGURES = ["representability"]
 CAPTION = """
 (a) Psi_eps(z), the gain of eps x'' + x' = z x on [0, 1] from rest, for several eps (eps = 0:
@@ -35,19 +37,29 @@ exp z), with its minimum m_eps marked: the 1-D range is [m_eps, inf). (b) m_eps 
 (theory.min_gain): negative for every eps > 0, decreasing towards -1. (c) Training weight-tied
 linear networks of depth N (and the N = inf models expm(theta), Psi_eps(theta)) to fit
 D = diag(-1, 1) up to a positive factor: the scale-invariant residual of ResNets stalls at the
-det > 0 floor sqrt(1/2), Momentum ResNets go to 0. (d) The verdicts of theory's claim-by-claim
-report (python -m theory).
+det > 0 floor sqrt(1/2), Momentum ResNets go to 0. (d) Finite depth: the infimum over real
+theta of the depth-N gain P_N(theta) (linear Momentum ResNet, f_n = theta x / N,
+gamma = 1 - 1/(N eps), v0 = 0; theory.discrete_min_gain, exact from the critical points) for even
+N (solid; odd N: -inf, the range is all of R) and the minimum of P_N on the window
+[z* - 1, z* + 1] around the ODE's minimiser (dotted), against the ODE's m_eps (dashed): the window
+minimum tends to m_eps, the global one decreases like -N (its minimiser theta ~ -N^2 sits where
+the scheme is unstable), so m_eps > -1 is a property of the ODE only. (e) The verdicts of
+theory's claim-by-claim report (python -m theory).
 """
-REVISION = 1
+REVISION = 2
 
 CONFIGS = {
     "tiny": {"eps_curves": [0.0, 0.5], "eps_range": [0.01, 1.0, 100.0], "depths": [8],
+             "eps_depth": [0.5], "even_depths": [2, 4, 8],
              "eps_train": 0.5, "iterations": 20, "lr": 0.05, "report": False},
     "quick": {"eps_curves": [0.0, 0.1, 0.5, 1.0, 5.0],
               "eps_range": np.logspace(-3, 3, 31).tolist(), "depths": [8, 32],
+              "eps_depth": [0.5, 2.0, 5.0], "even_depths": [2, 4, 8, 16, 32, 64, 128, 256],
               "eps_train": 0.5, "iterations": 600, "lr": 0.05, "report": True},
     "full": {"eps_curves": [0.0, 0.05, 0.1, 0.5, 1.0, 5.0, 20.0],
              "eps_range": np.logspace(-4, 4, 81).tolist(), "depths": [8, 32, 128],
+             "eps_depth": [0.5, 2.0, 5.0],
+             "even_depths": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
              "eps_train": 0.5, "iterations": 3000, "lr": 0.02, "report": True},
 }
 
@@ -104,6 +116,17 @@ def run(config: dict) -> dict:
             "z_min": None if eps == 0 else float(z[np.argmin(theory.psi(z, eps))]),
         }
     m_range = [theory.min_gain(e) for e in config["eps_range"]]
+    finite = {}
+    for e in config["eps_depth"]:
+        m, z_star = min_gain_point(e)
+        window = z_star + np.linspace(-1.0, 1.0, 2001)
+        depths = [n for n in config["even_depths"] if n * e >= 1]
+        finite[str(e)] = {
+            "m_eps": m, "depths": depths,
+            "global": [theory.discrete_min_gain(e, n) for n in depths],
+            "window": [float(np.min(theory.discrete_psi(window, e, n))) for n in depths],
+            "odd": [theory.discrete_min_gain(e, n + 1) for n in depths],
+        }
 
     eps = config["eps_train"]
     D = TARGET.to(device)
@@ -132,7 +155,7 @@ def run(config: dict) -> dict:
     lam, th = theory.representable_scale(TARGET.numpy(), eps)
     out = {
         "z": z, "curves": curves, "eps_range": config["eps_range"], "m_range": m_range,
-        "eps_train": eps, "training": training, "floor": math.sqrt(0.5),
+        "eps_train": eps, "training": training, "floor": math.sqrt(0.5), "finite_depth": finite,
         "theory": {
             "first_order_representable": bool(theory.is_representable(TARGET.numpy(), 0.0)),
             "momentum_scale": float(lam), "momentum_theta": th,
@@ -149,8 +172,8 @@ def run(config: dict) -> dict:
 
 
 def plot(results: dict, out_dir) -> list[str]:
-    fig = plt.figure(figsize=(12, 5.6))
-    grid = fig.add_gridspec(2, 3, height_ratios=[3, 1.25])
+    fig = plt.figure(figsize=(16, 6.0))
+    grid = fig.add_gridspec(2, 4, height_ratios=[3, 1.4])
     ax = fig.add_subplot(grid[0, 0])
     z = np.asarray(results["z"])
     for i, (eps, c) in enumerate(results["curves"].items()):
@@ -194,6 +217,22 @@ def plot(results: dict, out_dir) -> list[str]:
                  f"{results['eps_train']:g})")
     ax.legend(fontsize=6.5)
 
+    ax = fig.add_subplot(grid[0, 3])
+    for i, (e, f) in enumerate(results.get("finite_depth", {}).items()):
+        ax.plot(f["depths"], f["global"], "o-", color=color(i), lw=1.3, ms=3,
+                label=f"$\\varepsilon$ = {e}: inf over $\\theta$")
+        ax.plot(f["depths"], f["window"], ":", color=color(i), lw=1.3)
+        ax.axhline(f["m_eps"], color=color(i), ls=(0, (4, 3)), lw=0.9)
+    ax.plot([], [], ":", color="0.3", label="min on $[z^*-1, z^*+1]$")
+    ax.plot([], [], ls=(0, (4, 3)), color="0.3", label="ODE $m_\\varepsilon$")
+    ax.axhline(-1, color="0.4", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("depth N (even; odd N: inf = $-\\infty$)")
+    ax.set_ylabel("$\\inf_\\theta P_N(\\theta)$ (gain)")
+    ax.set_title("(d) finite depth: bottom of the range")
+    ax.legend(fontsize=6.5, loc="lower left")
+
     ax = fig.add_subplot(grid[1, :])
     ax.axis("off")
     th = results["theory"]
@@ -205,13 +244,13 @@ def plot(results: dict, out_dir) -> list[str]:
         "",
     ]
     if results["claims"]:
-        lines.append("(d) theory report (python -m theory):")
+        lines.append("(e) theory report (python -m theory):")
         for c in results["claims"]:
             lines.append(f"  [{c['verdict']:^7s}] {c['id']}. {c['statement']}  "
                          f"({c['cases']} cases, worst error {c['worst_error']:.1e}; "
                          f"{c['source']})")
     else:
-        lines.append("(d) theory report not run at this size")
+        lines.append("(e) theory report not run at this size")
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=7.5,
             transform=ax.transAxes)
     return save_figure(fig, out_dir, "representability")
@@ -225,5 +264,9 @@ def summary(results: dict) -> str:
     verdicts = [c["verdict"] for c in results["claims"]]
     held = f"; theory report: {verdicts.count('holds')}/{len(verdicts)} claims hold" if (
         verdicts) else ""
+    depth = ""
+    for e, f in results.get("finite_depth", {}).items():
+        depth = (f"; depth N = {f['depths'][-1]}, eps = {e}: inf of the gain "
+                 f"{f['global'][-1]:.3g} (ODE m_eps = {f['m_eps']:.3g}; odd N: -inf)")
     return (f"Psi_eps and m_eps; fitting diag(-1, 1) up to scale: ResNets stall at residual "
-            f"{res:.3f} (floor sqrt(1/2)), Momentum ResNets reach {mom:.0e}{held}.")
+            f"{res:.3f} (floor sqrt(1/2)), Momentum ResNets reach {mom:.0e}{depth}{held}.")

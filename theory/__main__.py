@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for c in claims:
         print(f"[{c['id']}] {c['verdict']}: {c['criterion']}")
+        if c.get("proved"):
+            print(f"     proved: {c['proved']}")
+        if c.get("measured") and c["measured"] != c["criterion"]:
+            print(f"     measured: {c['measured']}")
         if c.get("notes"):
             print(f"     note: {c['notes']}")
     print(f"\n{sum(c['verdict'] == 'holds' for c in claims)}/{len(claims)} claims hold "

@@ -30,7 +30,9 @@ and ``P_N(theta) = (1 + theta / N)^N`` for ``gamma = 0``.
 3. ``N = 2``: ``P_2 = 1 + (2 + gamma) u + u^2`` (``u = b theta``), so
    ``m_{eps,2} = 1 - (2 + gamma)^2 / 4``, which is ``< -1`` once ``gamma > 2 sqrt 2 - 2``
    (``eps > 1 / (2 (3 - 2 sqrt 2)) ~ 2.91``).  So ``m_eps > -1`` is a property of the ODE
-   only.  (Measured: ``m_{eps,N} -> m_eps`` as even ``N -> inf``.)
+   only.  (Measured, report claim 8: ``m_{eps,N}`` does *not* tend to ``m_eps``; it decreases
+   like ``-N`` as even ``N`` grows, its minimiser ``theta ~ -N^2`` lying where the scheme is
+   unstable, while the minimum of ``P_N`` on a fixed window around ``z*`` tends to ``m_eps``.)
 4. Tied ResNet (``gamma = 0``): ``(1 + theta / N)^N`` has range ``[0, inf)`` for even ``N``
    (``det >= 0`` for matrices: ``diag(-1, 1)`` is out of reach, the floor ``sqrt(1/2)``) and
    ``R`` for odd ``N``: ``theta = diag(-2N, 0)`` gives ``(I + theta/N)^N = diag(-1, 1)``.
