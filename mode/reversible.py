@@ -1157,6 +1157,9 @@ def _compiled_coupling(c: Coupling, options: dict) -> Coupling:
 
 
 def fixed_points(frac_bits, dtype: torch.dtype) -> tuple[FixedPoint, FixedPoint]:
+    """The :class:`~mode.exact.FixedPoint` of each slot that exact mode uses for ``dtype``
+    states: ``frac_bits`` an int, a pair, or ``None`` (:func:`default_frac_bits`), in the
+    storage of :func:`fixed_point_storage`."""
     if frac_bits is None:
         frac_bits = default_frac_bits(dtype)
     storage = fixed_point_storage(dtype)
