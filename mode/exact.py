@@ -67,6 +67,11 @@ _FLOAT_DIVISION_MAX = 2 ** (52 - STATE_BITS)
 # can hold more digits than one of order one.
 MAX_FRAC_BITS = 56
 FLOAT64_MAX_FRAC_BITS = 52
+# floor(t / k) for |t| < _RECIPROCAL_MAX is floor(t fl(1/k) + fl(1/(2k))): one fused
+# multiply-add instead of a float64 division, which costs several times more. The float error is
+# below 3 2^-53 |t / k| < 3 / (16 k), less than the distance 1 / (2k) of t / k + 1 / (2k) from an
+# integer (t / k is a multiple of 1 / k).
+_RECIPROCAL_MAX = 2**49
 _WORD_LIMIT = 2**52  # a buffer word w always satisfies 1 <= w < _WORD_LIMIT (exact in float64)
 # A spill moves words that are at most this many bits (plus one digit) short of full: the next
 # few pushes then need no overflow test, at the price of words stored a little below 52 bits.
@@ -129,14 +134,27 @@ class _Plan:
         # division by a power of two is a multiplication by its (exact) reciprocal
         self.inv_d = 1.0 / d if _is_power_of_two(d) else None
         self.inv_n = 1.0 / n if _is_power_of_two(n) else None
+        # Other divisors: a rounded reciprocal when every dividend is provably below
+        # _RECIPROCAL_MAX (see there). Dividends: c - q m (form m), c + q n and c - q' d ~ q n
+        # (form n), with |q| < 2^STATE_BITS; the split form divides q and numbers below 2^33.
+        big = {"m": self.m, "n": n, "split": 1}[self.form] * 2**STATE_BITS + 2 * d
+        self.fast = big < _RECIPROCAL_MAX
+        self.bias_d = torch.tensor(1.0 / (2 * d), dtype=torch.float64)
+        self.bias_n = torch.tensor(1.0 / (2 * n), dtype=torch.float64)
 
     def _floor_div_d(self, t: torch.Tensor) -> torch.Tensor:
-        f = torch.mul(t, self.inv_d) if self.inv_d is not None else torch.div(t, self.d)
-        return f.floor_()
+        if self.inv_d is not None:
+            return torch.mul(t, self.inv_d).floor_()
+        if self.fast:
+            return torch.add(self.bias_d, t, alpha=1.0 / self.d).floor_()
+        return torch.div(t, self.d).floor_()
 
     def _floor_div_n(self, t: torch.Tensor) -> torch.Tensor:
-        f = torch.mul(t, self.inv_n) if self.inv_n is not None else torch.div(t, self.n)
-        return f.floor_()
+        if self.inv_n is not None:
+            return torch.mul(t, self.inv_n).floor_()
+        if self.fast:
+            return torch.add(self.bias_n, t, alpha=1.0 / self.n).floor_()
+        return torch.div(t, self.n).floor_()
 
     def divide(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q', r)`` with ``q n + c = q' d + r``, ``0 <= r < d`` (fresh tensors)."""
@@ -405,7 +423,7 @@ class InformationBuffer:
         """Push digits ``k`` (``0 <= k < b <= max_base``; float64, the state's shape) in
         bases ``b`` (an int, or float64 of the state's shape)."""
         if not self._owned:  # a cursor pushing: its words become its own first
-            self.word, self._owned = self.word.clone(), True
+            self.word, self._owned = self.word.to(torch.float64, copy=True), True
         if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
             self._spill(max_base)
         # in place: the open words belong to this buffer alone (readers hold clones)
@@ -417,23 +435,31 @@ class InformationBuffer:
         self._bound = self._bound * max_base + max_base - 1
 
     def pop(self, b: torch.Tensor | int) -> torch.Tensor:
-        """Pop the digits pushed last in bases ``b``; returned as integer-valued float64."""
+        """Pop the digits pushed last in bases ``b``; returned as integer-valued float64.
+
+        Words stored compactly (:meth:`state`) stay in their format: the quotient of a word
+        by a base is below the word."""
         if self.pushes == 0:
             raise RuntimeError("pop from an empty InformationBuffer")
-        quotient = torch.div(self.word, b).floor_()  # exact: words are integers below 2^52
+        store = self.word.dtype
+        word = self.word if store == torch.float64 else self.word.to(torch.float64)
         # The remainder overwrites the old words when this buffer alone holds them; a cursor
         # leaves the words it was given intact (and owns the quotients from then on).
+        owned = self._owned or word is not self.word
+        quotient = torch.div(word, b).floor_()  # exact: words are integers below 2^52
         if isinstance(b, int):
-            k = self.word.add_(quotient, alpha=-b) if self._owned \
-                else torch.add(self.word, quotient, alpha=-b)
+            k = word.add_(quotient, alpha=-b) if owned else torch.add(word, quotient, alpha=-b)
         else:
-            k = self.word.addcmul_(quotient, b, value=-1) if self._owned \
-                else torch.addcmul(self.word, quotient, b, value=-1)
-        self.word, self._owned = quotient, True
+            k = word.addcmul_(quotient, b, value=-1) if owned \
+                else torch.addcmul(word, quotient, b, value=-1)
+        del word
         self.pushes -= 1
         if self.levels and self.levels[-1][0] == self.pushes:
             _, idx, words = self.levels.pop()
-            self.word.view(-1).index_copy_(0, idx.to(torch.int64), words)
+            quotient.view(-1).index_copy_(0, idx.to(torch.int64), words)
+            store = torch.float64  # restored full words
+        self.word = quotient if store == torch.float64 else quotient.to(store)
+        self._owned = True
         return k
 
     def reader(self) -> InformationBuffer:
@@ -441,12 +467,21 @@ class InformationBuffer:
         pop allocates new words; no copy is made before)."""
         return InformationBuffer.cursor(*self.state())
 
-    def state(self) -> tuple[tuple, list[torch.Tensor]]:
+    def state(self, compact: bool = False) -> tuple[tuple, list[torch.Tensor]]:
         """``(meta, tensors)``: the tensors of the digits (open words, then the indices and the
-        words of each level) and the small metadata :meth:`cursor` needs beside them."""
+        words of each level) and the small metadata :meth:`cursor` needs beside them.
+
+        ``compact=True`` stores the open words in the narrowest exact format their bound allows
+        (uint8 below ``2^8``, float32 below ``2^24``): a short chain (a stage of a few blocks)
+        then keeps one byte per scalar instead of eight. A cursor's first pop widens them."""
+        word = self.word
+        if compact and self._bound < 2**8:
+            word = word.to(torch.uint8)
+        elif compact and self._bound < 2**24:
+            word = word.to(torch.float32)
         meta = (self.shape, self.pushes, tuple(p for p, _, _ in self.levels),
                 self._index_dtype, self._bound)
-        tensors = [self.word, *(i for _, i, _ in self.levels), *(w for _, _, w in self.levels)]
+        tensors = [word, *(i for _, i, _ in self.levels), *(w for _, _, w in self.levels)]
         return meta, tensors
 
     @classmethod
@@ -470,14 +505,15 @@ class InformationBuffer:
     @property
     def bits(self) -> int:
         """Information held, in bits (the bits of every stored and open word)."""
-        held = torch.log2(self.word).sum() + sum(torch.log2(w).sum() for _, _, w in self.levels)
+        held = torch.log2(self.word.to(torch.float64)).sum() + sum(
+            torch.log2(w).sum() for _, _, w in self.levels)
         return math.ceil(float(held))
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for the buffer (open words, stored words and their indices)."""
         stored = sum(i.numel() * i.element_size() + 8 * w.numel() for _, i, w in self.levels)
-        return 8 * self.word.numel() + stored
+        return self.word.numel() * self.word.element_size() + stored
 
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
         """``q -> sign * round(q n / d)``, pushing the position of ``q`` in its fibre.

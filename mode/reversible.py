@@ -582,35 +582,52 @@ class Plan:
         self.rng: list = []
         self.snapshots: list = []
         self.live_buffer: InformationBuffer | None = None  # during the exact forward only
-        self._held: tuple | None = None  # see hold()
-        self.weak_exact = False  # set by integrate: a graph holds the exact record
+        self.pending: tuple | None = None  # from the forward to the handoff node's save
+        self.handoff: tuple | None = None  # from the handoff node's backward to the chain's
+        self.saved_by = None  # weak reference to the handoff node, which saves the record
+        self.buffer_meta: tuple | None = None  # exact mode: see hold()
+        self._held: tuple | None = None
         self.checksum: tuple[int, ...] | None = None
         self.compiled: dict = {}
 
     def hold(self, q: list[torch.Tensor], meta: tuple, buffer_tensors: list) -> None:
         """Keep what an exact forward leaves for the inverse: the output pair in fixed point and
-        the information buffer. When an autograd graph records the forward, its context saves
-        these tensors and the plan refers to them only weakly, so that they are freed once the
-        backward has read them, as autograd frees what it saves; otherwise (no_grad,
-        inference_mode) the plan holds them."""
-        tensors = (*q, *buffer_tensors)
-        if self.weak_exact:
-            self._held = (meta, tuple(weakref.ref(t) for t in tensors), True)
-        else:
-            self._held = (meta, tensors, False)
+        the information buffer. When an autograd graph records the forward, the
+        :class:`_Handoff` node saves these tensors and the plan reads them from it, so that
+        they are freed once the backward has read them, as autograd frees what it saves;
+        otherwise (no_grad, inference_mode) the plan holds them."""
+        self.buffer_meta = meta
+        self._held = (*q, *buffer_tensors)  # until a handoff node saves them (see there)
 
     def exact_record(self) -> tuple[list[torch.Tensor], InformationBuffer]:
         """``(final pair in fixed point, cursor on the information buffer)``."""
-        if self._held is None:
+        if self.buffer_meta is None:
             raise ValueError("this forward did not run in exact mode")
-        meta, held, weak = self._held
-        tensors = [r() for r in held] if weak else list(held)
-        if any(t is None for t in tensors):
-            raise ValueError(
-                "the information buffer of this exact forward was freed by its backward (as "
-                "autograd frees what it saves): invert before the backward, or run the forward "
-                "under torch.no_grad() to keep it")
-        return tensors[:2], InformationBuffer.cursor(meta, tensors[2:])
+        if self._held is not None:
+            tensors = list(self._held)
+        else:
+            node = self.saved_by() if self.saved_by is not None else None
+            try:
+                tensors = list(node.saved_tensors) if node is not None else None
+            except RuntimeError:  # autograd freed them after the backward
+                tensors = None
+            if tensors is None:
+                raise ValueError(
+                    "the information buffer of this exact forward was freed by its backward (as "
+                    "autograd frees what it saves): invert before the backward, or run the "
+                    "forward under torch.no_grad() to keep it")
+        return tensors[:2], InformationBuffer.cursor(self.buffer_meta, tensors[2:])
+
+    def take_handoff(self) -> tuple[torch.Tensor, ...]:
+        """What the :class:`_Handoff` node of this backward unpacked for it (taken: the plan
+        keeps no reference, so that the tensors are freed as the reconstruction replaces
+        them)."""
+        handoff, self.handoff = self.handoff, None
+        if handoff is None or handoff[0] != _graph_task():
+            raise RuntimeError(
+                "the reversible engine's backward ran without its handoff node in the same "
+                "backward pass (a backward of this graph on another thread at the same time?)")
+        return handoff[1]
 
     @property
     def final(self) -> list[torch.Tensor]:
@@ -792,8 +809,47 @@ def _verify_reconstruction(plan: Plan, q: list[torch.Tensor]) -> None:
 # the autograd function
 
 
+def _graph_task() -> int | None:
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task() if task is not None else None
+
+
+class _Handoff(torch.autograd.Function):
+    """The node after the chain: ``(y0, y1) -> (y0, y1)``, marked as modified in place, so the
+    user receives the chain's own output tensors.
+
+    It saves what the chain's backward reads from the forward (``plan.pending``: the output
+    pair, or in exact mode the fixed-point pair and the information buffer), so that
+    saved-tensor hooks see it and autograd checks it for in-place modification. Its backward
+    unpacks those tensors and hands them to the chain's backward, which runs next; autograd then
+    frees this node's saved tensors (unless ``retain_graph``), so that the chain's output pair
+    and fixed-point record die as the reconstruction replaces them, instead of living to the end
+    of the chain's backward. It also clones the incoming gradients: the chain's backward owns
+    them and updates them in place.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: Plan, y0, y1):
+        tensors, plan.pending, plan._held = plan.pending, None, None
+        ctx.mark_dirty(y0, y1)
+        ctx.save_for_backward(*tensors)
+        ctx.plan = plan
+        plan.saved_by = weakref.ref(ctx)
+        return y0, y1
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        plan = ctx.plan
+        plan.handoff = (_graph_task(), ctx.saved_tensors)
+        return (None, None if g0 is None else g0.clone(), None if g1 is None else g1.clone())
+
+
 class _ReversibleFunction(torch.autograd.Function):
-    """Inputs: the plan, the state pair and the grad-receiving tensors (``plan.tensors``)."""
+    """Inputs: the plan, the state pair and the grad-receiving tensors (``plan.tensors``).
+
+    It saves nothing itself: what its backward reads from the forward (the output pair, or in
+    exact mode the fixed-point pair and the information buffer) is saved by the
+    :class:`_Handoff` node that follows it, which autograd runs, and frees, first."""
 
     @staticmethod
     def forward(ctx, plan: Plan, s0, s1, *tensors):
@@ -801,19 +857,16 @@ class _ReversibleFunction(torch.autograd.Function):
         if plan.exact is None:
             out = _forward(plan, [s0, s1], _float_couplings(plan.args))
             out = [o.clone() if o is s0 or o is s1 else o for o in out]
-            ctx.save_for_backward(*out)
+            plan.pending = tuple(out)
         else:
             fps = plan.exact
             q = [fps[0].encode(s0, "s0"), fps[1].encode(s1, "s1")]
             plan.checksum = _checksum(q)
             plan.live_buffer = InformationBuffer(s0.shape, s0.device)
             q = _forward(plan, q, _exact_couplings(plan, dtype))
-            # The buffer's tensors are saved too: saved-tensor hooks (memory meters) see all
-            # the backward holds, and autograd frees them after the backward.
-            meta, buffer_tensors = plan.live_buffer.state()
+            meta, buffer_tensors = plan.live_buffer.state(compact=True)
             plan.live_buffer = None
-            ctx.save_for_backward(*q, *buffer_tensors)
-            ctx.buffer_meta = meta
+            plan.pending = (*q, *buffer_tensors)
             plan.hold(q, meta, buffer_tensors)
             out = [fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)]
         ctx.plan, ctx.dtype = plan, dtype
@@ -829,9 +882,11 @@ class _ReversibleFunction(torch.autograd.Function):
             )
         plan, dtype = ctx.plan, ctx.dtype
         plan.check_unmodified()
-        saved = ctx.saved_tensors
+        saved = plan.take_handoff()
         s = list(saved[:2])  # never modified in place: updates make new tensors
         shape, device = s[0].shape, s[0].device
+        # The gradients are this backward's own (the handoff node cloned them): they are
+        # updated in place, so that no second copy of the pair lives beside them.
         g = [
             g0 if g0 is not None else torch.zeros(shape, dtype=dtype, device=device),
             g1 if g1 is not None else torch.zeros(shape, dtype=dtype, device=device),
@@ -844,7 +899,8 @@ class _ReversibleFunction(torch.autograd.Function):
         inputs_of = [leaves[id(t)] for t in plan.tensors]
         grads: list[torch.Tensor | None] = [None] * len(inputs_of)
         exact = plan.exact
-        buf = InformationBuffer.cursor(ctx.buffer_meta, saved[2:]) if exact is not None else None
+        buf = InformationBuffer.cursor(plan.buffer_meta, saved[2:]) if exact is not None else None
+        del saved
         couple = _backward_coupling if exact is None else _backward_coupling_exact
         checked: set[int] = set()
         with _replay_autocast(plan.autocast), _installed(plan, leaves):
@@ -937,6 +993,11 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         p = scaled_phi(c, other, args, _leaf(c.scale, leaves)) if c.phi is not None else None
     if p is not None and check:
         _check_closure(step, p, [other, *inputs])
+    if not alpha_grad:
+        # The VJP first: phi's graph and its temporaries are freed before the reconstructed
+        # state exists (the reconstruction needs only the detached p).
+        _vjp(c, alpha, g, t, o, a, p, None, other, inputs, idx, grads, False)
+        p = p.detach() if p is not None else None
     # one new tensor, updated in place: the same operations in the same order as before
     if c.shift:
         prev = torch.sub(s[t], s[o], alpha=c.shift)
@@ -947,39 +1008,42 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
     if a != 1.0:
         prev.div_(a)
     s[t] = prev
-    _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad)
+    if alpha_grad:  # d/d alpha reads the reconstructed state
+        _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, True)
 
 
 def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
                              check):
     """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
-    information buffer and is bit-identical to the forward state."""
+    information buffer and is bit-identical to the forward state.
+
+    Order (for memory): phi with its graph, the VJP, then the quantized ``p`` and the
+    reconstruction, so that phi's graph is freed before any temporary of the integer
+    arithmetic exists; with a learned alpha the VJP needs the reconstructed state and comes
+    last."""
     fps = plan.exact
     e = _compile_exact(c, fps, plan.compiled)
     t, o = e.t, e.o
-    q = s[t]  # saved by the forward for the first step: never modified in place
+    p = qp = None
+    if c.phi is not None or e.alpha_grad:
+        other = fps[o].decode(s[o], dtype).requires_grad_(True)
+        if c.phi is not None:
+            with torch.enable_grad():
+                p = scaled_phi(c, other, args, _leaf(c.scale, leaves))
+            if check:
+                _check_closure(step, p, [other, *inputs])
+        alpha = _leaf(c.alpha, leaves)
+        if not e.alpha_grad:
+            _vjp(c, alpha, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
+            del other
+        qp = fps[t].quantize(p) if p is not None else None
+        if not e.alpha_grad:
+            del p
+    q = s[t]  # the handed-over output for the first step: never modified in place
     if e.shift:
         q = torch.sub(q, s[o], alpha=e.shift)
     elif e.shift_rounded:
         q = torch.sub(q, fps[t].round_shift(s[o], e.shift_rounded, e.shift_bits))
-    if c.phi is None and not e.alpha_grad:
-        s[t] = buf.unscale(q, *e.mult) if e.mult is not None else q
-        _linear_grads(c, g, t, o, e.a)
-        return
-    other = fps[o].decode(s[o], dtype).requires_grad_(True)
-    p = qp = None
-    if c.phi is not None:
-        with torch.enable_grad():
-            p = scaled_phi(c, other, args, _leaf(c.scale, leaves))
-        if check:
-            _check_closure(step, p, [other, *inputs])
-        qp = fps[t].quantize(p)
-    alpha = _leaf(c.alpha, leaves)
-    if not e.alpha_grad:
-        # The VJP first: the graph of phi is freed before the reconstruction's temporaries
-        # exist (the reconstruction needs only the quantized p).
-        _vjp(c, alpha, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
-        del p, other
     fresh = qp is not None or q is not s[t]
     if qp is not None:
         q = q.sub_(qp) if q is not s[t] else torch.sub(q, qp)
@@ -988,6 +1052,8 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
     if e.alpha_grad:  # d/d alpha reads the reconstructed state
         prev = fps[t].decode(s[t], dtype)
         _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
+    elif c.phi is None:
+        _linear_grads(c, g, t, o, e.a)
 
 
 try:  # the engine call behind torch.autograd.grad, without its argument checks
@@ -1012,16 +1078,21 @@ def _grad(outputs: list, inputs: list, grad_outputs: list) -> tuple:
 
 
 def _linear_grads(c, g, t, o, a) -> None:
-    """Gradients through ``s[t] <- a s[t] + shift s[o]`` (constant ``a``)."""
+    """Gradients through ``s[t] <- a s[t] + shift s[o]`` (constant ``a``), in place: the
+    backward owns ``g``."""
     if c.shift:
-        g[o] = torch.add(g[o], g[t], alpha=c.shift)
+        g[o].add_(g[t], alpha=c.shift)
     if a != 1.0:
-        g[t] = a * g[t]
+        g[t].mul_(a)
+
+
+def _storage(x: torch.Tensor) -> int | None:
+    return x.untyped_storage().data_ptr() if x.layout == torch.strided else None
 
 
 def _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -> None:
     """Vector-Jacobian product: d/d(other, inputs, alpha) of ``<g_t, alpha prev + phi(other)>``
-    (plus the linear shift term), accumulated into ``g`` and ``grads``."""
+    (plus the linear shift term), accumulated into ``g`` (in place) and ``grads``."""
     gt = g[t]
     outputs, grad_outputs = [], []
     if p is not None:
@@ -1032,13 +1103,18 @@ def _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -
         grad_outputs.append((prev * gt).sum().reshape(alpha.shape).to(alpha.dtype))
     vjp = _grad(outputs, [other, *inputs], grad_outputs)
     if c.shift:
-        g[o] = torch.add(g[o], gt, alpha=c.shift)
-        if vjp[0] is not None:
-            g[o].add_(vjp[0])  # the tensor just made: no second temporary
-    elif vjp[0] is not None:
-        g[o] = g[o] + vjp[0]
-    _accumulate(grads, idx, vjp[1:])
-    g[t] = a * gt if a != 1.0 else gt
+        g[o].add_(gt, alpha=c.shift)
+    if vjp[0] is not None:
+        g[o].add_(vjp[0])
+    new = vjp[1:]
+    if a != 1.0 and any(v is not None for v in new):
+        # A parameter's gradient may be the grad output itself (phi(x) = x + b, b of x's
+        # shape): it must not change when g[t] is scaled in place below.
+        own = _storage(gt)
+        new = [v.clone() if v is not None and _storage(v) == own else v for v in new]
+    _accumulate(grads, idx, new)
+    if a != 1.0:
+        gt.mul_(a)
 
 
 def _accumulate(grads: list, idx: list[int], new: Sequence[torch.Tensor | None]) -> None:
@@ -1268,9 +1344,10 @@ def _integrate_reversible(how, steps, s0, s1, args, options) -> State:
         _warn_amplification(runs, s0.dtype)
     fps = fixed_points(how.frac_bits, s0.dtype) if how.exact else None
     plan = Plan(steps, couplings, args, fps, how, s0, s1)
-    plan.weak_exact = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (s0, s1, *plan.tensors))
     out = _ReversibleFunction.apply(plan, s0, s1, *plan.tensors)
+    if out[0].grad_fn is not None:
+        out = _Handoff.apply(plan, *out)
+    plan.pending = None  # no graph: nothing saves it (an exact plan holds its record itself)
     _remember(out, plan)
     return out
 

@@ -226,7 +226,10 @@ def test_reversible_memory_is_flat_in_the_number_of_steps():
             sizes[adjoint, n] = nbytes
     assert sizes[False, 256] > 10 * sizes[False, 16]
     assert sizes[True, 256] == sizes[True, 16]
-    assert sizes["reversible", 256] == sizes["reversible", 16]
+    # exact: the int64 pair and one open buffer word per scalar, stored in the narrowest exact
+    # format of its bound (float32 after 16 pushes, float64 after 256), and no spilled level
+    n = x0.numel()
+    assert 2 * 8 * n < sizes["reversible", 16] <= sizes["reversible", 256] == 3 * 8 * n
     assert sizes["reversible", 256] < sizes[False, 16]
 
 
