@@ -142,41 +142,50 @@ class _Plan:
         self.bias_d = torch.tensor(1.0 / (2 * d), dtype=torch.float64)
         self.bias_n = torch.tensor(1.0 / (2 * n), dtype=torch.float64)
 
-    def _floor_div_d(self, t: torch.Tensor) -> torch.Tensor:
+    def _floor_div_d(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.inv_d is not None:
-            return torch.mul(t, self.inv_d).floor_()
+            return torch.mul(t, self.inv_d, out=out).floor_()
         if self.fast:
-            return torch.add(self.bias_d, t, alpha=1.0 / self.d).floor_()
-        return torch.div(t, self.d).floor_()
+            return torch.add(self.bias_d, t, alpha=1.0 / self.d, out=out).floor_()
+        return torch.div(t, self.d, out=out).floor_()
 
-    def _floor_div_n(self, t: torch.Tensor) -> torch.Tensor:
+    def _floor_div_n(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.inv_n is not None:
-            return torch.mul(t, self.inv_n).floor_()
+            return torch.mul(t, self.inv_n, out=out).floor_()
         if self.fast:
-            return torch.add(self.bias_n, t, alpha=1.0 / self.n).floor_()
-        return torch.div(t, self.n).floor_()
+            return torch.add(self.bias_n, t, alpha=1.0 / self.n, out=out).floor_()
+        return torch.div(t, self.n, out=out).floor_()
 
-    def divide(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(q', r)`` with ``q n + c = q' d + r``, ``0 <= r < d`` (fresh tensors)."""
+    def divide(self, q: torch.Tensor, overwrite: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(q', r, spare)`` with ``q n + c = q' d + r``, ``0 <= r < d``.
+
+        ``overwrite=True`` may compute ``q'`` in the storage of ``q``. ``spare`` is a dead
+        temporary of ``q``'s shape (or ``None``) that the caller may write into: on CPUs a
+        fresh tensor of a few MiB costs several times the arithmetic done in it (page
+        faults), so the exact arithmetic reuses the storage it has."""
         n, d = self.n, self.d
         if self.form == "m":  # q n + c = q d + (c - q m)
             t = torch.add(self.c_t, q, alpha=-self.m)
             j = self._floor_div_d(t)
             r = t.add_(j, alpha=-d)
-            return j.add_(q), r
+            if overwrite:
+                return q.add_(j), r, j
+            return j.add_(q), r, None
         if self.form == "n":
             t = torch.add(self.c_t, q, alpha=n)
-            out = self._floor_div_d(t)
-            return out, t.add_(out, alpha=-d)
+            out = self._floor_div_d(t, out=q if overwrite else None)
+            return out, t.add_(out, alpha=-d), None
         a = self._floor_div_d(q)  # q = a d + b: q n + c = a n d + (b n + c)
         t = torch.add(q, a, alpha=-d).mul_(n).add_(self.c)
-        f = self._floor_div_d(t)
+        f = self._floor_div_d(t, out=q if overwrite else None)
         r = t.add_(f, alpha=-d)
-        return f.add_(a, alpha=n), r
+        return f.add_(a, alpha=n), r, a
 
     def fibre_start(self, q: torch.Tensor, overwrite: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lo, s)``: ``lo = ceil((q d - c) / n)`` and ``s = lo n - (q d - c)`` in ``[0, n)``.
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(lo, s, spare)``: ``lo = ceil((q d - c) / n)`` and ``s = lo n - (q d - c)`` in
+        ``[0, n)``; ``spare`` as in :meth:`divide`.
 
         ``overwrite=True`` may compute ``lo`` in the storage of ``q``."""
         n, d = self.n, self.d
@@ -184,17 +193,17 @@ class _Plan:
             u = torch.add(self.c_t, q, alpha=-self.m)
             f = self._floor_div_n(u)
             lo = q.sub_(f) if overwrite else torch.sub(q, f)
-            return lo, u.add_(f, alpha=-n)
+            return lo, u.add_(f, alpha=-n), f
         if self.form == "n":  # lo = -floor((c - q d) / n)
             u = torch.add(self.c_t, q, alpha=-d)
-            f = self._floor_div_n(u)
+            f = self._floor_div_n(u, out=q if overwrite else None)
             s = u.add_(f, alpha=-n)
-            return f.neg_(), s
+            return f.neg_(), s, None
         a = self._floor_div_n(q)  # q = a n + b: c - q d = -a n d + (c - b d), |c - b d| < 2^33
         u = torch.add(q, a, alpha=-n).mul_(-d).add_(self.c)
-        f = self._floor_div_n(u)
+        f = self._floor_div_n(u, out=q if overwrite else None)
         s = u.add_(f, alpha=-n)
-        return f.neg_().add_(a, alpha=d), s
+        return f.neg_().add_(a, alpha=d), s, None
 
 
 @lru_cache(maxsize=1024)
@@ -237,7 +246,8 @@ def _fibre_start_int64(q: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, t
     return f.neg_().add_(a, alpha=d), s
 
 
-def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fibre_of_remainder(r: torch.Tensor, n: int, d: int, out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ``floor(r / n)`` and size ``ceil((d - r mod n) / n)`` of the fibre (``r`` is
     overwritten).
 
@@ -247,9 +257,9 @@ def _fibre_of_remainder(r: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, 
     booleans cost several times more than float arithmetic).
     """
     if d < 2 * n:
-        position = torch.sub(r, n - 1).clamp_(0, 1)
+        position = torch.sub(r, n - 1, out=out).clamp_(0, 1)
     else:
-        position = torch.div(r, n).floor_()
+        position = torch.div(r, n, out=out).floor_()
     return position, _fibre_size(r.add_(position, alpha=-n), n, d, overwrite=True)
 
 
@@ -320,20 +330,23 @@ class FixedPoint:
             raise self._overflow(what)
         return y.to(self.storage)  # |y| < 2^60: exact in int64
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """``round(x 2^F)``, unchecked: for terms added to a state that is checked.
 
         Float64 storage: integer-valued, in ``x``'s own dtype when that is float32 or float64
         (scaling by a power of two and rounding are exact there, and adding it to a float64
         state promotes exactly); float64 otherwise. Int64 storage: int64, with NaN and values
         beyond ``2^62`` mapped to ``+-2^62``, which fail the range check of the state. A
-        non-finite or huge ``x`` makes that state fail :meth:`check`.
+        non-finite or huge ``x`` makes that state fail :meth:`check`. ``overwrite=True`` may
+        compute it in the storage of ``x`` (which nothing else may hold).
         """
         if self.storage == torch.int64:
             y = x.detach().to(torch.float64).mul(self.scale).round_()
             big = float(2**62)
             return y.clamp_(-big, big).nan_to_num_(nan=big).to(torch.int64)
         if x.dtype == torch.float32 or x.dtype == torch.float64:
+            if overwrite:
+                return x.detach().mul_(self.scale).round_()
             return torch.mul(x.detach(), self.scale).round_()
         return x.detach().to(torch.float64).mul_(self.scale).round_()
 
@@ -434,8 +447,9 @@ class InformationBuffer:
         self.pushes += 1
         self._bound = self._bound * max_base + max_base - 1
 
-    def pop(self, b: torch.Tensor | int) -> torch.Tensor:
+    def pop(self, b: torch.Tensor | int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Pop the digits pushed last in bases ``b``; returned as integer-valued float64.
+        ``out``: a dead float64 tensor of the state's shape for the new words.
 
         Words stored compactly (:meth:`state`) stay in their format: the quotient of a word
         by a base is below the word."""
@@ -446,7 +460,9 @@ class InformationBuffer:
         # The remainder overwrites the old words when this buffer alone holds them; a cursor
         # leaves the words it was given intact (and owns the quotients from then on).
         owned = self._owned or word is not self.word
-        quotient = torch.div(word, b).floor_()  # exact: words are integers below 2^52
+        if out is not None and (out.dtype != torch.float64 or out.shape != word.shape):
+            out = None
+        quotient = torch.div(word, b, out=out).floor_()  # exact: integers below 2^52
         if isinstance(b, int):
             k = word.add_(quotient, alpha=-b) if owned else torch.add(word, quotient, alpha=-b)
         else:
@@ -515,30 +531,38 @@ class InformationBuffer:
         stored = sum(i.numel() * i.element_size() + 8 * w.numel() for _, i, w in self.levels)
         return self.word.numel() * self.word.element_size() + stored
 
-    def scale(self, q: torch.Tensor, sign: int, n: int, d: int) -> torch.Tensor:
+    def scale(self, q: torch.Tensor, sign: int, n: int, d: int, *,
+              overwrite: bool = False) -> torch.Tensor:
         """``q -> sign * round(q n / d)``, pushing the position of ``q`` in its fibre.
 
         The rounding is ``q' = floor((q n + c) / d)`` with ``c = floor(d / 2)``: to nearest, so
         that rounding errors do not drift over many layers. With ``q n + c = q' d + r``
         (``0 <= r < d``) the fibre of ``q'`` starts at ``q - floor(r / n)`` and has
         ``ceil((d - r mod n) / n)`` elements. ``q`` holds integers; the result is int64 for int64
-        ``q``, float64 otherwise.
+        ``q``, float64 otherwise. ``overwrite=True`` lets the result take the storage of ``q``
+        (float64 ``q``).
         """
         if q.dtype != torch.int64:
+            overwrite = overwrite and q.dtype == torch.float64
             q = q.to(torch.float64)
+        fresh = False
         if n != d:
+            spare = None
             if q.dtype == torch.int64:
                 out, r = _divide_int64(q, n, d)
                 r = r.to(torch.float64)  # digits and remainders are small: exact in float64
             else:
-                out, r = _plan(n, d).divide(q)
+                out, r, spare = _plan(n, d).divide(q, overwrite)
             if n == 1:  # the fibre of out is [out d - c, out d - c + d): position r, size d
                 self.push(r, d, d)
             else:
-                position, size = _fibre_of_remainder(r, n, d)
+                position, size = _fibre_of_remainder(r, n, d, out=spare)
                 self.push(position, size, -(-d // n))
+            fresh = out is not q or overwrite
             q = out
-        return -q if sign < 0 else q
+        if sign < 0:
+            return q.neg_() if fresh or overwrite else -q
+        return q
 
     def unscale(self, q: torch.Tensor, sign: int, n: int, d: int, *,
                 overwrite: bool = False) -> torch.Tensor:
@@ -558,15 +582,16 @@ class InformationBuffer:
         if n != d:
             if n == 1:  # |q' d| <= |q| + d: exact
                 return torch.add(self.pop(d).to(q.dtype), q, alpha=d).sub_(d // 2)
+            spare = None
             if integer:
                 lo, s = _fibre_start_int64(q, n, d)
                 s = s.to(torch.float64)
             else:
-                lo, s = _plan(n, d).fibre_start(q, overwrite)
+                lo, s, spare = _plan(n, d).fibre_start(q, overwrite)
             del q
             size = _fibre_size(s, n, d, overwrite=True)
             del s
-            k = self.pop(size)
+            k = self.pop(size, out=spare)
             return lo.add_(k.to(torch.int64) if integer else k)
         return q
 

@@ -764,24 +764,31 @@ def _exact_couplings(plan: Plan, dtype):
     fps, buf, args, memo = plan.exact, plan.live_buffer, plan.args, plan.compiled
 
     def run(couplings, q):
+        # q[t] is updated in place: the pair is this forward's own (encoded, then computed here)
         for c in couplings:
             e = _compile_exact(c, fps, memo)
             t, o = e.t, e.o
-            new = buf.scale(q[t], *e.mult) if e.mult is not None else q[t]
+            new = buf.scale(q[t], *e.mult, overwrite=True) if e.mult is not None else q[t]
             if e.shift:
-                new = torch.add(new, q[o], alpha=e.shift)
+                new.add_(q[o], alpha=e.shift)
             elif e.shift_rounded:
-                new = torch.add(new, fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
+                new.add_(fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
             if c.phi is not None:
                 p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
-                new = torch.add(new, fps[t].quantize(p))
+                new.add_(fps[t].quantize(p, overwrite=_scaled(c)))
             q[t] = new
         for c in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
             fps[c.target].check(q[c.target])
         return q
 
     return run
+
+
+def _scaled(c: Coupling) -> bool:
+    """Whether ``scaled_phi`` multiplies by a scale, so that its result is a new tensor that
+    nothing else holds (``phi`` itself may return its input or a parameter)."""
+    return c.phi is not None and (isinstance(c.scale, torch.Tensor) or c.scale != 1.0)
 
 
 def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
@@ -902,6 +909,9 @@ class _ReversibleFunction(torch.autograd.Function):
         buf = InformationBuffer.cursor(plan.buffer_meta, saved[2:]) if exact is not None else None
         del saved
         couple = _backward_coupling if exact is None else _backward_coupling_exact
+        # the handed-over states are the handoff node's (saved, with retain_graph): never
+        # written; every later state is this backward's own and is updated in place
+        foreign = {id(s[0]), id(s[1])}
         checked: set[int] = set()
         with _replay_autocast(plan.autocast), _installed(plan, leaves):
             for i in range(len(plan) - 1, -1, -1):
@@ -918,7 +928,7 @@ class _ReversibleFunction(torch.autograd.Function):
                         _replay_buffers(snap, None, False) if replay else contextlib.nullcontext():
                     for c in reversed(plan.couplings_of(i)):
                         couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
-                               dtype, check)
+                               dtype, check, foreign)
         if exact is not None:
             _verify_reconstruction(plan, s)
         for step_id in checked:
@@ -975,17 +985,23 @@ def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor]) -> None:
 
 
 def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
-                       check):
+                       check, foreign):
     """Reconstruct the target slot before coupling ``c`` and propagate gradients through it
     (float mode)."""
     t, o = c.target, 1 - c.target
     a = _alpha_value(c.alpha)
     alpha = _leaf(c.alpha, leaves)
     alpha_grad = isinstance(alpha, torch.Tensor) and alpha.requires_grad
+    own = id(s[t]) not in foreign  # a state of this backward's own: updated in place
     if c.phi is None and not alpha_grad:
         # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
-        prev = torch.sub(s[t], s[o], alpha=c.shift) if c.shift else s[t]
-        s[t] = prev / a if a != 1.0 else prev
+        prev = s[t]
+        if c.shift:
+            prev = prev.sub_(s[o], alpha=c.shift) if own else torch.sub(prev, s[o], alpha=c.shift)
+            own = True
+        if a != 1.0:
+            prev = prev.div_(a) if own else prev / a
+        s[t] = prev
         _linear_grads(c, g, t, o, a)
         return
     other = s[o].detach().requires_grad_(True)
@@ -998,13 +1014,16 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         # state exists (the reconstruction needs only the detached p).
         _vjp(c, alpha, g, t, o, a, p, None, other, inputs, idx, grads, False)
         p = p.detach() if p is not None else None
-    # one new tensor, updated in place: the same operations in the same order as before
+    # s[t] itself when it is this backward's own, else one new tensor; then in place: the
+    # same operations in the same order either way
     if c.shift:
-        prev = torch.sub(s[t], s[o], alpha=c.shift)
+        prev = s[t].sub_(s[o], alpha=c.shift) if own else torch.sub(s[t], s[o], alpha=c.shift)
         if p is not None:
             prev.sub_(p.detach())
+    elif p is not None:
+        prev = s[t].sub_(p.detach()) if own else torch.sub(s[t], p.detach())
     else:
-        prev = torch.sub(s[t], p.detach()) if p is not None else s[t].clone()
+        prev = s[t] if own else s[t].clone()
     if a != 1.0:
         prev.div_(a)
     s[t] = prev
@@ -1013,7 +1032,7 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
 
 
 def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
-                             check):
+                             check, foreign):
     """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
     information buffer and is bit-identical to the forward state.
 
@@ -1036,19 +1055,25 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
         if not e.alpha_grad:
             _vjp(c, alpha, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
             del other
-        qp = fps[t].quantize(p) if p is not None else None
+        # after the VJP p is dead (its graph freed): quantized in its own storage when scaled
+        qp = fps[t].quantize(p, overwrite=_scaled(c) and not e.alpha_grad) \
+            if p is not None else None
         if not e.alpha_grad:
             del p
-    q = s[t]  # the handed-over output for the first step: never modified in place
+    q = s[t]
+    own = id(q) not in foreign  # the handed-over output: never modified in place
     if e.shift:
-        q = torch.sub(q, s[o], alpha=e.shift)
+        q = q.sub_(s[o], alpha=e.shift) if own else torch.sub(q, s[o], alpha=e.shift)
+        own = True
     elif e.shift_rounded:
-        q = torch.sub(q, fps[t].round_shift(s[o], e.shift_rounded, e.shift_bits))
-    fresh = qp is not None or q is not s[t]
+        shift = fps[t].round_shift(s[o], e.shift_rounded, e.shift_bits)
+        q = q.sub_(shift) if own else torch.sub(q, shift)
+        own = True
     if qp is not None:
-        q = q.sub_(qp) if q is not s[t] else torch.sub(q, qp)
+        q = q.sub_(qp) if own else torch.sub(q, qp)
+        own = True
         del qp
-    s[t] = buf.unscale(q, *e.mult, overwrite=fresh) if e.mult is not None else q
+    s[t] = buf.unscale(q, *e.mult, overwrite=own) if e.mult is not None else q
     if e.alpha_grad:  # d/d alpha reads the reconstructed state
         prev = fps[t].decode(s[t], dtype)
         _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
