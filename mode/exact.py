@@ -156,24 +156,25 @@ class _Plan:
             return torch.add(self.bias_n, t, alpha=1.0 / self.n, out=out).floor_()
         return torch.div(t, self.n, out=out).floor_()
 
-    def divide(self, q: torch.Tensor, overwrite: bool = False
+    def divide(self, q: torch.Tensor, overwrite: bool = False, pool: list | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(q', r, spare)`` with ``q n + c = q' d + r``, ``0 <= r < d``.
 
         ``overwrite=True`` may compute ``q'`` in the storage of ``q``. ``spare`` is a dead
         temporary of ``q``'s shape (or ``None``) that the caller may write into: on CPUs a
         fresh tensor of a few MiB costs several times the arithmetic done in it (page
-        faults), so the exact arithmetic reuses the storage it has."""
+        faults), so the exact arithmetic reuses the storage it has. ``pool``: dead float64
+        tensors of ``q``'s shape to compute in (taken from the list)."""
         n, d = self.n, self.d
         if self.form == "m":  # q n + c = q d + (c - q m)
-            t = torch.add(self.c_t, q, alpha=-self.m)
-            j = self._floor_div_d(t)
+            t = torch.add(self.c_t, q, alpha=-self.m, out=_take(pool))
+            j = self._floor_div_d(t, out=_take(pool))
             r = t.add_(j, alpha=-d)
             if overwrite:
                 return q.add_(j), r, j
             return j.add_(q), r, None
         if self.form == "n":
-            t = torch.add(self.c_t, q, alpha=n)
+            t = torch.add(self.c_t, q, alpha=n, out=_take(pool))
             out = self._floor_div_d(t, out=q if overwrite else None)
             return out, t.add_(out, alpha=-d), None
         a = self._floor_div_d(q)  # q = a d + b: q n + c = a n d + (b n + c)
@@ -204,6 +205,11 @@ class _Plan:
         f = self._floor_div_n(u, out=q if overwrite else None)
         s = u.add_(f, alpha=-n)
         return f.neg_().add_(a, alpha=d), s, None
+
+
+def _take(pool: list | None) -> torch.Tensor | None:
+    """A dead tensor from ``pool`` to write into, or ``None`` (a fresh one)."""
+    return pool.pop() if pool else None
 
 
 @lru_cache(maxsize=1024)
@@ -330,7 +336,8 @@ class FixedPoint:
             raise self._overflow(what)
         return y.to(self.storage)  # |y| < 2^60: exact in int64
 
-    def quantize(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, overwrite: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """``round(x 2^F)``, unchecked: for terms added to a state that is checked.
 
         Float64 storage: integer-valued, in ``x``'s own dtype when that is float32 or float64
@@ -338,8 +345,12 @@ class FixedPoint:
         state promotes exactly); float64 otherwise. Int64 storage: int64, with NaN and values
         beyond ``2^62`` mapped to ``+-2^62``, which fail the range check of the state. A
         non-finite or huge ``x`` makes that state fail :meth:`check`. ``overwrite=True`` may
-        compute it in the storage of ``x`` (which nothing else may hold).
+        compute it in the storage of ``x`` (which nothing else may hold); ``out``, a float64
+        tensor of ``x``'s shape, receives it in float64 storage (the same integers: ``x`` is
+        converted exactly, then scaled and rounded).
         """
+        if out is not None and self.storage == torch.float64 and out.shape == x.shape:
+            return out.copy_(x.detach()).mul_(self.scale).round_()
         if self.storage == torch.int64:
             y = x.detach().to(torch.float64).mul(self.scale).round_()
             big = float(2**62)
@@ -355,8 +366,14 @@ class FixedPoint:
         beyond ``2^53`` is rounded to float64 first)."""
         if q.dtype == torch.int64:
             q = q.to(torch.float64)
+            return q.mul_(1.0 / self.scale) if dtype == torch.float64 \
+                else torch.mul(q, 1.0 / self.scale).to(dtype)
         if dtype == torch.float64:
             return q * (1.0 / self.scale)
+        if dtype == torch.float32:
+            # rounded to float32, then scaled: the same value (a power-of-two scaling of a
+            # float32 is exact: |q 2^-F| >= 2^-52 stays normal), one tensor and no float64 one
+            return q.to(dtype).mul_(1.0 / self.scale)
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
         return torch.mul(q, 1.0 / self.scale, out=out)  # computed in float64, rounded once
 
@@ -532,7 +549,7 @@ class InformationBuffer:
         return self.word.numel() * self.word.element_size() + stored
 
     def scale(self, q: torch.Tensor, sign: int, n: int, d: int, *,
-              overwrite: bool = False) -> torch.Tensor:
+              overwrite: bool = False, pool: list | None = None) -> torch.Tensor:
         """``q -> sign * round(q n / d)``, pushing the position of ``q`` in its fibre.
 
         The rounding is ``q' = floor((q n + c) / d)`` with ``c = floor(d / 2)``: to nearest, so
@@ -540,7 +557,8 @@ class InformationBuffer:
         (``0 <= r < d``) the fibre of ``q'`` starts at ``q - floor(r / n)`` and has
         ``ceil((d - r mod n) / n)`` elements. ``q`` holds integers; the result is int64 for int64
         ``q``, float64 otherwise. ``overwrite=True`` lets the result take the storage of ``q``
-        (float64 ``q``).
+        (float64 ``q``). ``pool``: a list of dead float64 tensors of ``q``'s shape that the
+        arithmetic takes from and returns its dead temporaries to (a forward's workspace).
         """
         if q.dtype != torch.int64:
             overwrite = overwrite and q.dtype == torch.float64
@@ -552,12 +570,16 @@ class InformationBuffer:
                 out, r = _divide_int64(q, n, d)
                 r = r.to(torch.float64)  # digits and remainders are small: exact in float64
             else:
-                out, r, spare = _plan(n, d).divide(q, overwrite)
+                out, r, spare = _plan(n, d).divide(q, overwrite, pool)
             if n == 1:  # the fibre of out is [out d - c, out d - c + d): position r, size d
                 self.push(r, d, d)
+                dead = [r, spare]
             else:
                 position, size = _fibre_of_remainder(r, n, d, out=spare)
                 self.push(position, size, -(-d // n))
+                dead = [position, size]
+            if pool is not None and q.dtype == torch.float64:
+                pool.extend(x for x in dead if x is not None)
             fresh = out is not q or overwrite
             q = out
         if sign < 0:

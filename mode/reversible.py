@@ -762,13 +762,19 @@ def _float_couplings(args):
 def _exact_couplings(plan: Plan, dtype):
     """The couplings on fixed-point integers (``q`` is overwritten: nothing else holds it)."""
     fps, buf, args, memo = plan.exact, plan.live_buffer, plan.args, plan.compiled
+    # This forward's workspace: dead float64 tensors of the state's shape that the arithmetic
+    # computes in (a fresh tensor of some MiB costs more than the arithmetic done in it). It
+    # lives as long as the forward; what it holds is never seen outside.
+    pool: list[torch.Tensor] = []
 
     def run(couplings, q):
         # q[t] is updated in place: the pair is this forward's own (encoded, then computed here)
         for c in couplings:
             e = _compile_exact(c, fps, memo)
             t, o = e.t, e.o
-            new = buf.scale(q[t], *e.mult, overwrite=True) if e.mult is not None else q[t]
+            new = q[t]
+            if e.mult is not None:
+                new = buf.scale(new, *e.mult, overwrite=True, pool=pool)
             if e.shift:
                 new.add_(q[o], alpha=e.shift)
             elif e.shift_rounded:
@@ -776,7 +782,15 @@ def _exact_couplings(plan: Plan, dtype):
             if c.phi is not None:
                 p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
-                new.add_(fps[t].quantize(p, overwrite=_scaled(c)))
+                into = None
+                if new.dtype == torch.float64 and p.dtype != torch.float64:
+                    into = pool.pop() if pool else torch.empty_like(new)  # no mixed-dtype add
+                qp = fps[t].quantize(p, overwrite=_scaled(c), out=into)
+                del p
+                new.add_(qp)
+                if into is not None and len(pool) < 3:
+                    pool.append(qp)
+                del qp
             q[t] = new
         for c in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
             fps[c.target].check(q[c.target])
