@@ -24,6 +24,16 @@ the autocast state. The backward installs the forward's parameters as detached l
 parameter hooks fire once on the total gradient; it replays RNG, buffers and autocast, so the
 recomputation sees what the forward saw, and it leaves every module as autograd would. Nothing
 is cached on user objects and no process-wide hook is installed.
+
+**Memory of the backward.** The chain is one autograd node followed by a small
+:class:`_Handoff` node that saves what the backward reads from the forward (the output pair, or
+in exact mode the fixed-point pair and the information buffer, its open words stored in the
+narrowest exact format). Autograd runs and frees the handoff node first, so while the chain's
+backward runs it holds one state pair and one gradient pair, not the outputs and the incoming
+gradients beside them: the gradients are the backward's own (cloned once) and updated in place,
+states it made are reconstructed in place, and each coupling runs its VJP before the
+reconstruction's temporaries exist. ``retain_graph=True`` keeps the handoff's saved tensors for
+another backward, as autograd keeps any.
 """
 
 from __future__ import annotations
