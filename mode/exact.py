@@ -391,18 +391,83 @@ class FixedPoint:
 
     def check(self, q: torch.Tensor, what: str = "a state") -> torch.Tensor:
         """``q`` itself, after checking ``|q| < 2^state_bits`` (NaN and infinity fail)."""
+        self.checked_bound(q, what)
+        return q
+
+    def checked_bound(self, q: torch.Tensor, what: str = "a state") -> int:
+        """``max |q|`` (an int), after the check of :meth:`check` (the same one reduction)."""
         if q.numel() == 0:
-            return q
+            return 0
         low, high = torch.aminmax(q)
         if q.dtype == torch.int64:
-            inside = int(low) > -self.limit and int(high) < self.limit
+            low, high = int(low), int(high)
         else:
-            inside = float(low) > -self.limit and float(high) < self.limit  # NaN fails too
-        if not inside:
+            low, high = float(low), float(high)
+        if not (low > -self.limit and high < self.limit):  # NaN fails too
             if q.dtype != torch.int64 and not bool(torch.isfinite(q).all()):
                 raise ValueError(f"{what} contains NaN or infinity; exact mode needs finite values")
             raise self._overflow(what)
-        return q
+        return int(max(-low, high))
+
+
+# A shift term (``shift * q[o]``, or its rounding ``round(q[o] shift 2^-bits)`` onto a finer
+# grid) is added to a state together with a scaled state and a quantized phi. Its magnitude is
+# kept below 2^TERM_BITS of the storage, which makes the sum provably exact (it can neither
+# wrap nor round):
+#
+# * int64: |alpha q[t]| <= 2^60 (|alpha| <= 1, every state read is checked below 2^60), the term
+#   <= 2^61 and a quantized phi <= 2^62 (FixedPoint.quantize clamps there): the sum stays below
+#   7 * 2^60 < 2^63, and one that leaves 2^60 fails the range check. For a rounded shift the
+#   product q shift itself must stay below 2^62 (then the rounded term is below 2^61 + 1).
+#   Without this bound a frac_bits pair far apart (shift 2^k with k up to 48) wraps modulo 2^64,
+#   and a wrapped sum can land back in range (q[o] shift = 2^64 adds nothing): a silently wrong
+#   state.
+# * float64: float arithmetic never wraps, but it rounds above 2^53, and a quantized phi that
+#   cancels a large term would bring a rounded sum back into range. With the scaled state
+#   below 2^46 and the term below 2^52, their sum A is an exact integer below 2^53; adding an
+#   integer-valued P gives a float r = fl(A + P). If |A + P| >= 2^53 then |r| >= 2^53 (rounding
+#   is monotone and 2^53 is a float), which fails the range check; otherwise A + P is an
+#   integer below 2^53, so r is exact. The product q shift of a rounded shift may round: the
+#   term is still a deterministic function of q[o], so the coupling stays invertible.
+INT64_TERM_BITS = 61
+FLOAT64_TERM_BITS = 52
+
+
+def shift_limit(fp: FixedPoint, other: FixedPoint, shift: int, bits: int = 0) -> int | None:
+    """The largest ``|q[o]|`` for which the shift term onto ``fp`` stays provably exact, or
+    ``None`` when every state of ``other`` (``|q| < 2^state_bits``) qualifies.
+
+    The term is ``shift q[o]`` (``bits = 0``) or ``round(q[o] shift 2^-bits)``; see the bound
+    above (int64: term below ``2^61``, product below ``2^62``; float64: term below ``2^52``).
+    """
+    shift = abs(int(shift))
+    if shift == 0:
+        return None
+    if fp.storage == torch.int64:
+        limit = (1 << (INT64_TERM_BITS + (1 if bits else 0))) // shift
+    else:
+        limit = (1 << (FLOAT64_TERM_BITS + bits)) // shift
+    return None if limit >= other.limit else limit
+
+
+def shift_overflow(fp: FixedPoint, other: FixedPoint, names: tuple[str, str], magnitude: int,
+                   limit: int) -> FixedPointOverflow:
+    """The error for a shift term that would leave the exact range of the storage."""
+    t, o = names
+    k = fp.frac_bits - other.frac_bits
+    return FixedPointOverflow(
+        f"exact mode: the shift of {o} onto {t} is multiplied by 2^{k} to move it from "
+        f"{other.frac_bits} to {fp.frac_bits} fractional bits (frac_bits={fp.frac_bits} for "
+        f"{t}, {other.frac_bits} for {o}), and |{o}| reached {magnitude / other.scale:.6g}: "
+        f"beyond {limit / other.scale:.6g} the product leaves the range where "
+        f"{str(fp.storage).replace('torch.', '')} arithmetic is exact (it would wrap or round). "
+        f"Choose frac_bits closer together (or one int for both)"
+    ) if k > 0 else FixedPointOverflow(
+        f"exact mode: the shift of {o} onto {t} (frac_bits={fp.frac_bits} for {t}, "
+        f"{other.frac_bits} for {o}) is too large for |{o}| = {magnitude / other.scale:.6g} "
+        f"(limit {limit / other.scale:.6g}): the product would leave the range where "
+        f"{str(fp.storage).replace('torch.', '')} arithmetic is exact. Lower frac_bits of {o}"
+    )
 
 
 class InformationBuffer:

@@ -49,7 +49,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .exact import DEFAULT_FRAC_BITS, MAX_FRAC_BITS, FixedPoint, InformationBuffer, rational
+from .exact import (
+    DEFAULT_FRAC_BITS,
+    MAX_FRAC_BITS,
+    FixedPoint,
+    InformationBuffer,
+    rational,
+    shift_limit,
+    shift_overflow,
+)
 from .steps import (
     Coupling,
     ReversibleStep,
@@ -519,12 +527,15 @@ class _ExactCoupling(NamedTuple):
     shift: int  # exact multiple of q[o] added to q[t] (0: none)
     shift_rounded: int  # multiple of q[o] 2^-shift_bits rounded onto the grid of q[t] (0: none)
     shift_bits: int
+    shift_limit: int | None = None  # largest |q[o]| with an exact shift term (None: any state)
 
 
 def _compile_exact(c: Coupling, fps, memo: dict) -> _ExactCoupling:
     """A shift from a slot with ``k`` more fractional bits than the target is rounded onto the
     target's grid: an additive term that is a deterministic function of ``s[o]``, so the
-    coupling stays exactly invertible."""
+    coupling stays exactly invertible. Where ``|shift| 2^k`` times the largest state could
+    wrap or round (frac_bits far apart), ``shift_limit`` bounds ``|q[o]|``: the forward checks
+    it (:func:`_guard_shift`), so the backward's same products are exact too."""
     alpha_grad = isinstance(c.alpha, torch.Tensor) and c.alpha.requires_grad
     a = _alpha_value(c.alpha)
     key = (c.target, a, c.shift, alpha_grad)
@@ -532,14 +543,17 @@ def _compile_exact(c: Coupling, fps, memo: dict) -> _ExactCoupling:
     if e is None:
         t, o = c.target, 1 - c.target
         shift = rounded = bits = 0
+        limit = None
         if c.shift:
             k = fps[t].frac_bits - fps[o].frac_bits
             if k >= 0:
                 shift = int(c.shift) * 2**k
+                limit = shift_limit(fps[t], fps[o], shift)
             else:
                 rounded, bits = int(c.shift), -k
+                limit = shift_limit(fps[t], fps[o], rounded, bits)
         mult = None if a == 1.0 else rational(a)
-        e = memo[key] = _ExactCoupling(t, o, mult, a, alpha_grad, shift, rounded, bits)
+        e = memo[key] = _ExactCoupling(t, o, mult, a, alpha_grad, shift, rounded, bits, limit)
     return e
 
 
@@ -598,6 +612,7 @@ class Plan:
         self.buffer_meta: tuple | None = None  # exact mode: see hold()
         self._held: tuple | None = None
         self.checksum: tuple[int, ...] | None = None
+        self.fingerprints = None  # exact mode: _Fingerprints of every step
         self.compiled: dict = {}
 
     def hold(self, q: list[torch.Tensor], meta: tuple, buffer_tensors: list) -> None:
@@ -776,12 +791,16 @@ def _exact_couplings(plan: Plan, dtype):
     # computes in (a fresh tensor of some MiB costs more than the arithmetic done in it). It
     # lives as long as the forward; what it holds is never seen outside.
     pool: list[torch.Tensor] = []
+    fingerprints = plan.fingerprints
+    known: list = [None, None]  # (state, max |q|) of the last checked state of each target
 
     def run(couplings, q):
         # q[t] is updated in place: the pair is this forward's own (encoded, then computed here)
         for c in couplings:
             e = _compile_exact(c, fps, memo)
             t, o = e.t, e.o
+            if e.shift_limit is not None:  # frac_bits far apart: a shift could wrap or round
+                _guard_shift(e, q, fps, known)
             new = q[t]
             if e.mult is not None:
                 new = buf.scale(new, *e.mult, overwrite=True, pool=pool)
@@ -802,8 +821,11 @@ def _exact_couplings(plan: Plan, dtype):
                     pool.append(qp)
                 del qp
             q[t] = new
-        for c in couplings:  # |q| < 2^STATE_BITS after every step; within one, sums stay exact
-            fps[c.target].check(q[c.target])
+            # checked at once (one check per coupling, as before): every state a coupling reads
+            # is in range, which the exactness bounds of mode.exact.shift_limit assume
+            known[t] = (new, fps[t].checked_bound(new))
+        if fingerprints is not None:
+            fingerprints.record(q)
         return q
 
     return run
@@ -815,25 +837,302 @@ def _scaled(c: Coupling) -> bool:
     return c.phi is not None and (isinstance(c.scale, torch.Tensor) or c.scale != 1.0)
 
 
+def _guard_shift(e: _ExactCoupling, q: list[torch.Tensor], fps, known: list) -> None:
+    """Refuse a shift term that could wrap or round (:func:`mode.exact.shift_limit`): the
+    largest ``|q[o]|``, known from its range check (or one aminmax), against the limit."""
+    x = q[e.o]
+    bound = next((b for entry in known if entry is not None and entry[0] is x
+                  for b in (entry[1],)), None)
+    if bound is None:  # an input state, not yet checked by a coupling
+        bound = fps[e.o].checked_bound(x)
+    if bound > e.shift_limit:
+        raise shift_overflow(fps[e.t], fps[e.o], (f"s{e.t}", f"s{e.o}"), bound, e.shift_limit)
+
+
 def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
     """Two wrapping int64 sums per tensor: enough to tell a drifted reconstruction."""
     q = [x.to(torch.int64) for x in q]
     return tuple(int(v) for x in q for v in (x.sum(), (x * x).sum()))
 
 
-def _verify_reconstruction(plan: Plan, q: list[torch.Tensor]) -> None:
-    if _checksum(q) != plan.checksum:
-        raise RuntimeError(
-            "exact reconstruction did not return to the forward's input. The parameters, "
-            "extra arguments and buffers the forward read are unchanged and its random numbers "
-            "were replayed, so a residual function gave different outputs for the same input "
-            "bits in the two passes: a non-deterministic kernel (on a GPU, call "
-            "torch.use_deterministic_algorithms(True) and set "
-            "torch.backends.cudnn.benchmark = False), residual functions compiled with "
-            "torch.compile whose forward and recomputation graphs round differently "
-            "(mode.compile_functions(model, False)), or state outside its parameters and "
-            "buffers (a Python attribute it changes). Gradients would be wrong."
-        )
+#: Positions per slot that an exact forward records after every step (:class:`_Fingerprints`).
+FINGERPRINT_SIZE = 128
+
+
+class _Fingerprints:
+    """Both fixed-point slots at ``k = min(numel, FINGERPRINT_SIZE)`` fixed, evenly spaced
+    positions, before the first step (row 0) and after the couplings of step ``i`` (row
+    ``i + 1``, before its swap): ``rows``, pairs of ``k``-vectors in the storage dtype. Two
+    index_selects per step (about 4 us on a CPU, no synchronization; 2 KB per step whatever
+    the state size); read only after a failed reconstruction, to find the step where it
+    departs from the forward."""
+
+    def __init__(self, q: list[torch.Tensor]):
+        n = q[0].numel()
+        k = min(n, FINGERPRINT_SIZE)
+        self.index = torch.arange(k, device=q[0].device).mul_(n).div_(k, rounding_mode="floor")
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.record(q)
+
+    def sample(self, q: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` at the recorded positions (two index_selects, no synchronization)."""
+        index = self.index
+        return (torch.index_select(q[0].reshape(-1), 0, index),
+                torch.index_select(q[1].reshape(-1), 0, index))
+
+    def record(self, q: list[torch.Tensor]) -> None:
+        self.rows.append(self.sample(q))
+
+    def matches(self, row: int, q: list[torch.Tensor]) -> bool:
+        """Whether ``q`` agrees with the forward's row ``row`` at every recorded position."""
+        return all(torch.equal(f, x.reshape(-1)[self.index]) for f, x in zip(self.rows[row], q))
+
+
+def _verify_reconstruction(plan: Plan, q: list[torch.Tensor], dtype=None, record=None,
+                           rows: list | None = None) -> None:
+    """Raise (before any gradient is returned) if ``q`` is not the forward's input, saying
+    why: ``record()`` gives the output pair in fixed point and a fresh cursor on the buffer,
+    from which :func:`_diagnose` reconstructs again to find the step and the cause."""
+    if _checksum(q) == plan.checksum:
+        return
+    try:
+        located = _locate_rows(plan, rows, q) if rows is not None else None
+        cause = _diagnose(plan, dtype, record, located) \
+            if record is not None or located is not None else None
+    except Exception as error:  # the diagnosis must not hide the failure it explains
+        cause = f"(the diagnosis itself failed: {error!r})"
+    raise RuntimeError(
+        "exact reconstruction did not return to the forward's input, so gradients would be "
+        "wrong (none was returned). The parameters, extra arguments and buffers the forward "
+        "read are unchanged and its random numbers were replayed. "
+        + (cause or _GENERIC_CAUSES)
+    )
+
+
+_DETERMINISM_FIX = (
+    "call torch.use_deterministic_algorithms(True), set torch.backends.cudnn.benchmark = False "
+    "(and torch.backends.cudnn.deterministic = True) and, on CUDA, the environment variable "
+    "CUBLAS_WORKSPACE_CONFIG=:4096:8 before the first cuBLAS call. A function that draws from "
+    "its own torch.Generator (the engine replays only the global generators) or reads a "
+    "changing global behaves the same way")
+
+_GENERIC_CAUSES = (
+    "A residual function gave different outputs for the same input bits in the two passes: a "
+    "non-deterministic kernel (" + _DETERMINISM_FIX + "), residual functions compiled with "
+    "torch.compile whose forward and recomputation graphs round differently "
+    "(mode.compile_functions(model, False)), or state outside its parameters and buffers (a "
+    "Python attribute it changes).")
+
+_CHANGED_SINCE_FORWARD = (
+    "Cause: its residual function differed between the forward and the recomputation, yet two "
+    "calls now agree and change no Python attribute: it depends on state outside its "
+    "parameters and buffers that changed after the forward (a Python attribute or a global set "
+    "between forward and backward), or it was compiled with torch.compile and its forward and "
+    "recomputation graphs round differently (mode.compile_functions(model, False)). Keep such "
+    "state constant until the backward, register it as a buffer, or use reversible=False.")
+
+# what nn.Module itself keeps in __dict__: not a user's hidden state
+_MODULE_KEYS = frozenset(nn.Module().__dict__) | {"training"}
+_SCALARS = (int, float, complex, bool, str, bytes, type(None))
+
+
+def _attributes(modules) -> list[tuple[nn.Module, dict]]:
+    """The plain Python attributes of ``modules``: ``(module, {name: (value, token)})``, the
+    token a tensor's version or a container's length (in-place changes), else ``None``."""
+    out = []
+    for m in modules:
+        entries = {}
+        for k, v in m.__dict__.items():
+            if k in _MODULE_KEYS:
+                continue
+            token = None
+            if isinstance(v, torch.Tensor):
+                token = getattr(v, "_version", None) if not v.is_inference() else None
+            elif isinstance(v, list | dict | set | bytearray):
+                token = len(v)
+            entries[k] = (v, token)
+        out.append((m, entries))
+    return out
+
+
+def _changed_attributes(before: list) -> list[tuple[nn.Module, str]]:
+    """``(module, name)`` of every attribute that differs from ``before`` (added, removed,
+    rebound to another value, or a tensor or container changed in place)."""
+    changed = []
+    for (m, old), (_, new) in zip(before, _attributes(m for m, _ in before)):
+        for k in old.keys() | new.keys():
+            if k not in old or k not in new:
+                changed.append((m, k))
+                continue
+            (a, ta), (b, tb) = old[k], new[k]
+            if type(a) in _SCALARS and type(b) in _SCALARS:
+                same = a is b or a == b
+            else:
+                same = a is b and ta == tb
+            if not same:
+                changed.append((m, k))
+    return changed
+
+
+def _restore_attributes(before: list) -> None:
+    """Put back the attribute bindings of ``before`` (a container or tensor changed in place
+    stays changed)."""
+    for m, old in before:
+        for k in [k for k in m.__dict__ if k not in _MODULE_KEYS and k not in old]:
+            del m.__dict__[k]
+        for k, (v, _) in old.items():
+            m.__dict__[k] = v
+
+
+def _step_name(plan: Plan, j: int) -> str:
+    """``step j (MomentumStep, residual function Linear)``."""
+    step = plan.step(j)
+    names = []
+    for c in plan.couplings_of(j):
+        phi = c.phi.phi if isinstance(c.phi, _CompiledPhi) else c.phi
+        if phi is not None:
+            name = type(phi).__name__ if isinstance(phi, nn.Module) else getattr(
+                phi, "__qualname__", type(phi).__name__)
+            if name not in names:
+                names.append(name)
+    what = f", residual function {', '.join(names)}" if names else ""
+    return f"step {j} ({type(step).__name__}{what})"
+
+
+def _run_step(plan: Plan, j: int, x: list[torch.Tensor], args) -> list[torch.Tensor]:
+    """The couplings of step ``j`` in float arithmetic on ``x``, with the forward's random
+    numbers and buffers (the module's own buffers are left untouched)."""
+    step = plan.step(j)
+    with _replay_rng(plan.rng[j], plan.devices), \
+            _replay_buffers(plan.snapshots[j], plan.reads[id(step)], True):
+        s = list(x)
+        for c in plan.couplings_of(j):
+            s[c.target] = coupling_update(c, s, args)
+    return s
+
+
+def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) or bool(((x == y) | (x.isnan() & y.isnan())).all())
+               for x, y in zip(a, b))
+
+
+def _classify(plan: Plan, j: int, x: list[torch.Tensor], args, where: str = "") -> str | None:
+    """Call step ``j``'s residual functions twice on ``x`` (replayed RNG and buffers): Python
+    attributes that a call changes, restored before the second call, and two calls that
+    still differ, tell hidden state from a non-deterministic kernel. The cause, or ``None``
+    when both calls agree and change nothing (``where`` names the step, by default in full)."""
+    modules = plan.reads[id(plan.step(j))].modules
+    before = _attributes(modules)
+    first = _run_step(plan, j, x, args)
+    changed = _changed_attributes(before)
+    _restore_attributes(before)
+    second = _run_step(plan, j, x, args)
+    where = where or _step_name(plan, j)
+    if changed:
+        names = ", ".join(f"{k!r} of {type(m).__name__}" for m, k in changed)
+        if _same_outputs(first, second):
+            return (
+                f"Cause: hidden state. Calling {where} changes the Python attribute(s) {names}, "
+                f"and with them restored two calls agree: the function depends on state outside "
+                f"its parameters and buffers that it changes itself, so the backward's "
+                f"recomputation saw other values than the forward. Keep that state constant "
+                f"during the forward and the backward, register it as a buffer "
+                f"(register_buffer, which the engine replays), or use reversible=False.")
+        return (
+            f"Cause: a non-deterministic kernel: two calls of {where} on the same input, "
+            f"parameters, buffers, random numbers and Python attributes gave different outputs "
+            f"(each call also changes the attribute(s) {names}). To fix, {_DETERMINISM_FIX}.")
+    if not _same_outputs(first, second):
+        return (
+            f"Cause: a non-deterministic kernel: two calls of {where} on the same input, "
+            f"parameters, buffers and random numbers gave different outputs. To fix, "
+            f"{_DETERMINISM_FIX}.")
+    return None
+
+
+def _locate_rows(plan: Plan, rows: list, q: list[torch.Tensor]):
+    """As :func:`_locate`, from the positions that the backward itself recorded as it
+    reconstructed (``rows``: the pair before each step's inversion, last step first, then the
+    final pair): the backward frees the record it starts from, so it cannot run again. The
+    input handed to the diagnosis is the final pair (the steps of a chain share its shape)."""
+    fp = plan.fingerprints
+    if fp is None or len(rows) != len(plan) + 1:
+        return None
+    n = len(plan)
+    for k, row in enumerate(rows):
+        forward_row = n - k  # rows[k] is the pair before inverting step n - 1 - k
+        if not all(torch.equal(a, b) for a, b in zip(fp.rows[forward_row], row)):
+            return forward_row, q, q
+    return None, q, q
+
+
+def _diagnose(plan: Plan, dtype, record, located=None) -> str:
+    """Reconstruct again from the output, comparing with the forward's fingerprints after
+    every step, to find the step whose input is the first one (walking back) that differs;
+    then tell its cause (:func:`_classify`). Every module's Python attributes are put back
+    after. Runs only after a failed reconstruction."""
+    fps, fp = plan.exact, plan.fingerprints
+    if fp is None:
+        return ""
+    args = plan.args
+    before = _attributes(m for m, _ in plan.training)
+    try:
+        with torch.no_grad(), _replay_autocast(plan.autocast), _installed(plan, {}):
+            culprit, x, q = located if located is not None else _locate(plan, record, dtype,
+                                                                        args)
+            if culprit == len(plan):
+                return ("The output pair it started from differs from the forward's output, "
+                        "so no step can be located (was it freed or modified in place?). "
+                        + _GENERIC_CAUSES)
+            decoded = [fps[0].decode(x[0], dtype), fps[1].decode(x[1], dtype)]
+            if culprit is not None:
+                found = _classify(plan, culprit, decoded, args, "it")
+                where = (f"The reconstruction departs from the forward at "
+                         f"{_step_name(plan, culprit)}: its output was reconstructed exactly, "
+                         f"its input was not (positions compared after every step). ")
+                return where + (found if found is not None else _CHANGED_SINCE_FORWARD)
+            if _checksum(q) == plan.checksum:
+                return ("A second reconstruction, run to diagnose this one, returned to the "
+                        "input bit for bit: the residual functions give different outputs from "
+                        "one call to the next. Cause: a non-deterministic kernel (or state that "
+                        "changes and changes back). To fix, " + _DETERMINISM_FIX + ".")
+            for j in _distinct_uses(plan):  # located nowhere: ask every step
+                found = _classify(plan, j, decoded, args)
+                if found is not None:
+                    return ("The recorded positions agree at every step, so the step where the "
+                            "reconstruction departs is not known. " + found)
+            return ("The recorded positions agree at every step and every residual function "
+                    "gives identical outputs on two calls. " + _GENERIC_CAUSES)
+    finally:
+        _restore_attributes(before)
+
+
+def _distinct_uses(plan: Plan) -> list[int]:
+    """The first index of every distinct step (a grid: every time, its couplings differ)."""
+    if plan.couplings is None:
+        return list(range(len(plan)))
+    first: dict[int, int] = {}
+    for j in range(len(plan)):
+        first.setdefault(id(plan.step(j)), j)
+    return list(first.values())
+
+
+def _locate(plan: Plan, record, dtype, args):
+    """``(culprit, x, q)``: the step whose inversion first misses the forward's fingerprint
+    (``len(plan)``: the output itself; ``None``: none), its reconstructed input ``x`` and the
+    pair ``q`` reached."""
+    fp = plan.fingerprints
+    q, buf = record()
+    q = list(q)
+    x = q
+    for i in range(len(plan) - 1, -1, -1):
+        if plan.step(i).swap:
+            q = [q[1], q[0]]
+        if not fp.matches(i + 1, q):
+            return i + 1, x, q
+        q = _invert_exact_step(plan, i, q, buf, args, dtype)
+        x = q
+    return (0 if not fp.matches(0, q) else None), x, q
 
 
 # --------------------------------------------------------------------------------------------
@@ -893,6 +1192,7 @@ class _ReversibleFunction(torch.autograd.Function):
             fps = plan.exact
             q = [fps[0].encode(s0, "s0"), fps[1].encode(s1, "s1")]
             plan.checksum = _checksum(q)
+            plan.fingerprints = _Fingerprints(q)
             plan.live_buffer = InformationBuffer(s0.shape, s0.device)
             q = _forward(plan, q, _exact_couplings(plan, dtype))
             meta, buffer_tensors = plan.live_buffer.state(compact=True)
@@ -936,6 +1236,7 @@ class _ReversibleFunction(torch.autograd.Function):
         # the handed-over states are the handoff node's (saved, with retain_graph): never
         # written; every later state is this backward's own and is updated in place
         foreign = {id(s[0]), id(s[1])}
+        rows = [] if exact is not None and plan.fingerprints is not None else None
         checked: set[int] = set()
         with _replay_autocast(plan.autocast), _installed(plan, leaves):
             for i in range(len(plan) - 1, -1, -1):
@@ -943,6 +1244,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 idx = plan.grad_index[i]
                 if step.swap:
                     s, g = [s[1], s[0]], [g[1], g[0]]
+                if rows is not None:  # to locate a failed reconstruction (see _locate_rows)
+                    rows.append(plan.fingerprints.sample(s))
                 inputs = [inputs_of[j] for j in idx]
                 check = id(step) not in checked and not _closure_known(plan, step)
                 checked.add(id(step))
@@ -953,8 +1256,10 @@ class _ReversibleFunction(torch.autograd.Function):
                     for c in reversed(plan.couplings_of(i)):
                         couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
                                dtype, check, foreign)
-        if exact is not None:
-            _verify_reconstruction(plan, s)
+        if exact is not None:  # raises before any gradient is returned
+            if rows is not None:
+                rows.append(plan.fingerprints.sample(s))
+            _verify_reconstruction(plan, s, dtype, rows=rows)
         for step_id in checked:
             step = plan.reads[step_id].modules[0]
             _closure_checked[step] = _closure_signature(plan, step)
@@ -1489,26 +1794,32 @@ def _reverse_exact(plan: Plan, args, dtype) -> State:
     q, buf = plan.exact_record()  # the decoded floats may hold fewer bits than the fixed point
     with torch.no_grad(), _replay_autocast(plan.autocast), _installed(plan, {}):
         for i in range(len(plan) - 1, -1, -1):
-            step = plan.step(i)
-            if step.swap:
+            if plan.step(i).swap:
                 q = [q[1], q[0]]
-            with _replay_rng(plan.rng[i], plan.devices), \
-                    _replay_buffers(plan.snapshots[i], plan.reads[id(step)], True):
-                for c in reversed(plan.couplings_of(i)):
-                    e = _compile_exact(c, fps, plan.compiled)
-                    t, o = e.t, e.o
-                    new = q[t]
-                    if e.shift:
-                        new = torch.sub(new, q[o], alpha=e.shift)
-                    elif e.shift_rounded:
-                        new = torch.sub(new, fps[t].round_shift(q[o], e.shift_rounded,
-                                                                 e.shift_bits))
-                    if c.phi is not None:
-                        p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
-                        new = new - fps[t].quantize(p)
-                    q[t] = buf.unscale(new, *e.mult) if e.mult is not None else new
-    _verify_reconstruction(plan, q)
+            q = _invert_exact_step(plan, i, q, buf, args, dtype)
+    _verify_reconstruction(plan, q, dtype, plan.exact_record)
     return fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)
+
+
+def _invert_exact_step(plan: Plan, i: int, q: list, buf: InformationBuffer, args, dtype) -> list:
+    """Undo the couplings of step ``i`` (its swap already undone) on the fixed-point pair
+    ``q``, popping ``buf``, with the forward's random numbers and buffers (no grad)."""
+    fps = plan.exact
+    with _replay_rng(plan.rng[i], plan.devices), \
+            _replay_buffers(plan.snapshots[i], plan.reads[id(plan.step(i))], True):
+        for c in reversed(plan.couplings_of(i)):
+            e = _compile_exact(c, fps, plan.compiled)
+            t, o = e.t, e.o
+            new = q[t]
+            if e.shift:
+                new = torch.sub(new, q[o], alpha=e.shift)
+            elif e.shift_rounded:
+                new = torch.sub(new, fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
+            if c.phi is not None:
+                p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
+                new = new - fps[t].quantize(p)
+            q[t] = buf.unscale(new, *e.mult) if e.mult is not None else new
+    return q
 
 
 def _apply_chain(steps, s: State, args: tuple, keep: bool = False,

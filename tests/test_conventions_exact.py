@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mode
+from mode import reversible
 from mode.exact import (
     INT64_STATE_BITS,
     SPILL_MARGIN_BITS,
@@ -15,7 +16,10 @@ from mode.exact import (
     FixedPointOverflow,
     InformationBuffer,
     rational,
+    shift_limit,
 )
+from mode.reversible import information_buffer
+from mode.steps import Coupling, MomentumStep, ReversibleStep
 
 # The two formats that hold fixed-point integers: float64 (float32 models) and int64 (float64).
 STORAGES = [torch.float64, torch.int64]
@@ -155,3 +159,89 @@ def test_round_shift_is_round_half_even_in_both_storages(bits):
         got_float = FixedPoint(40).round_shift(q.to(torch.float64), shift, bits)
         assert torch.equal(got_int.to(torch.float64), want)
         assert torch.equal(got_float, want)
+
+
+class _Shift(ReversibleStep):
+    """``s0 <- s0 + shift s1 + phi(s1)``: one coupling whose shift crosses the two slots'
+    grids (frac_bits far apart)."""
+
+    def __init__(self, shift=1, phi=None):
+        super().__init__()
+        self.shift, self.phi = shift, phi
+
+    def couplings(self):
+        return (Coupling(target=0, shift=self.shift, phi=self.phi),)
+
+
+def _exact_output(step, x, v, frac_bits):
+    """The output pair of one exact step, in fixed point."""
+    out = reversible.integrate([step], (x, v), exact=True, frac_bits=frac_bits)
+    return information_buffer(*out).final
+
+
+def test_shift_limits_in_closed_form():
+    """int64: a shift term below 2^61 (a rounded shift's product below 2^62); float64: below
+    2^52; None where every state of the source slot qualifies."""
+    i56, i8 = FixedPoint(56, torch.int64), FixedPoint(8, torch.int64)
+    f52, f8 = FixedPoint(52), FixedPoint(8)
+    assert shift_limit(i56, i8, 2**48) == 2**13
+    assert shift_limit(i8, i8, 1) is None and shift_limit(i8, i8, 2) is None
+    assert shift_limit(i8, i8, 4) == 2**59  # 4 * 2^60 could exceed 2^61
+    assert shift_limit(i8, i56, 16, bits=48) == 2**58
+    assert shift_limit(i8, i56, 4, bits=48) is None
+    assert shift_limit(f52, f8, 2**44) == 2**8
+    assert shift_limit(f8, f8, 64) is None and shift_limit(f8, f8, 65) == 2**52 // 65
+    assert shift_limit(f8, f52, 1, bits=44) is None
+
+
+def test_int64_shift_that_would_wrap_is_refused():
+    """float64 model, frac_bits=(56, 8): x <- x + v multiplies q_v by 2^48, and v = 256 makes
+    that 2^64, which wraps to 0 and leaves x in range: refused, naming frac_bits."""
+    x = torch.full((3,), 0.25, dtype=torch.float64)
+    v = torch.full((3,), 256.0, dtype=torch.float64)
+    step = MomentumStep(lambda z: torch.zeros_like(z), 0.5)  # v <- v / 2; x <- x + v
+    with pytest.raises(FixedPointOverflow, match=r"2\^48.*frac_bits=56 for s0, 8 for s1"):
+        _exact_output(step, x, 2 * v, (56, 8))
+    with pytest.raises(FixedPointOverflow, match="frac_bits"):  # a rounded shift (k < 0)
+        _exact_output(_Shift(shift=16), x, torch.full((3,), 15.0, dtype=torch.float64),
+                      (8, 56))
+    # within the limit the same steps are exact: x + v on the grid of x
+    q = _exact_output(step, x, torch.full((3,), 4.0, dtype=torch.float64), (56, 8))
+    assert torch.equal(q[0], torch.full((3,), int(2.25 * 2**56), dtype=torch.int64))
+
+
+def test_int64_wrap_is_real_without_the_guard(monkeypatch):
+    """The premise of the test above: with the guard off, the wrapped sum lands in range and
+    the forward returns x unchanged, silently (x + 256 is far outside |x| < 16)."""
+    monkeypatch.setattr(reversible, "_guard_shift", lambda *a: None)
+    x = torch.full((3,), 0.25, dtype=torch.float64)
+    step = MomentumStep(lambda z: torch.zeros_like(z), 0.5)
+    q = _exact_output(step, x, torch.full((3,), 512.0, dtype=torch.float64), (56, 8))
+    assert torch.equal(q[0], torch.full((3,), 2**54, dtype=torch.int64))  # 0.25: unchanged
+
+
+def test_float64_storage_shift_that_would_round_is_refused(monkeypatch):
+    """float64 storage cannot wrap, but above 2^53 it rounds, and a phi that cancels the
+    shift brings a rounded sum back into range: s0 <- s0 + 2^44 q_v - Q(v) is s0 itself in
+    exact arithmetic, but 2^44 q_v = 2^82 for v = 2^30 rounds q_x away (float64 ulp 2^30 there).
+    Refused (naming frac_bits); with the guard off the state is wrong."""
+    x = torch.tensor([1e-3, -3e-3, 7e-3], dtype=torch.float32)
+    v = torch.full((3,), 2.0**30, dtype=torch.float32)
+    step = _Shift(shift=1, phi=lambda z: -z)
+    with pytest.raises(FixedPointOverflow, match="frac_bits=52 for s0, 8 for s1"):
+        _exact_output(step, x, v, (52, 8))
+    assert torch.equal(_exact_output(step, x, v / 2**30, (52, 8))[0], FixedPoint(52).encode(x))
+    monkeypatch.setattr(reversible, "_guard_shift", lambda *a: None)
+    assert not torch.equal(_exact_output(step, x, v, (52, 8))[0], FixedPoint(52).encode(x))
+
+
+def test_unequal_frac_bits_within_range_round_trip():
+    """An ordinary pair of frac_bits passes the guard: bit-exact inversion, float32 model."""
+    torch.manual_seed(0)
+    net = mode.MomentumResNet([torch.nn.Linear(4, 4) for _ in range(6)], 0.9, exact=True,
+                              frac_bits=(40, 32))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        out = net(x, return_velocity=True)
+        back = net.inverse(*out)
+    assert torch.equal(FixedPoint(40).encode(back[0]), FixedPoint(40).encode(x))
