@@ -183,20 +183,20 @@ class _Plan:
         r = t.add_(f, alpha=-d)
         return f.add_(a, alpha=n), r, a
 
-    def fibre_start(self, q: torch.Tensor, overwrite: bool = False
+    def fibre_start(self, q: torch.Tensor, overwrite: bool = False, pool: list | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(lo, s, spare)``: ``lo = ceil((q d - c) / n)`` and ``s = lo n - (q d - c)`` in
-        ``[0, n)``; ``spare`` as in :meth:`divide`.
+        ``[0, n)``; ``spare`` and ``pool`` as in :meth:`divide`.
 
         ``overwrite=True`` may compute ``lo`` in the storage of ``q``."""
         n, d = self.n, self.d
         if self.form == "m":  # (q d - c) / n = q - (c - q m) / n
-            u = torch.add(self.c_t, q, alpha=-self.m)
+            u = torch.add(self.c_t, q, alpha=-self.m, out=_take(pool))
             f = self._floor_div_n(u)
             lo = q.sub_(f) if overwrite else torch.sub(q, f)
             return lo, u.add_(f, alpha=-n), f
         if self.form == "n":  # lo = -floor((c - q d) / n)
-            u = torch.add(self.c_t, q, alpha=-d)
+            u = torch.add(self.c_t, q, alpha=-d, out=_take(pool))
             f = self._floor_div_n(u, out=q if overwrite else None)
             s = u.add_(f, alpha=-n)
             return f.neg_(), s, None
@@ -652,12 +652,13 @@ class InformationBuffer:
         return q
 
     def unscale(self, q: torch.Tensor, sign: int, n: int, d: int, *,
-                overwrite: bool = False) -> torch.Tensor:
+                overwrite: bool = False, pool: list | None = None) -> torch.Tensor:
         """Inverse of :meth:`scale`: pops the fibre position and returns the original ``q``.
 
         The fibre of ``q'`` starts at ``lo = ceil((q' d - c) / n)``; with
         ``s = lo n - (q' d - c)`` (``0 <= s < n``) it has ``ceil((d - s) / n)`` elements.
-        ``overwrite=True`` lets the result take the storage of ``q`` (float64 or int64 ``q``).
+        ``overwrite=True`` lets the result take the storage of ``q`` (float64 or int64 ``q``);
+        ``pool`` as in :meth:`scale`.
         """
         integer = q.dtype == torch.int64
         overwrite = overwrite and (integer or q.dtype == torch.float64)
@@ -674,7 +675,7 @@ class InformationBuffer:
                 lo, s = _fibre_start_int64(q, n, d)
                 s = s.to(torch.float64)
             else:
-                lo, s, spare = _plan(n, d).fibre_start(q, overwrite)
+                lo, s, spare = _plan(n, d).fibre_start(q, overwrite, pool)
             del q
             size = _fibre_size(s, n, d, overwrite=True)
             del s

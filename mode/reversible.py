@@ -1398,11 +1398,18 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
         shift = fps[t].round_shift(s[o], e.shift_rounded, e.shift_bits)
         q = q.sub_(shift) if own else torch.sub(q, shift)
         own = True
+    pool = []
     if qp is not None:
+        if q.dtype == torch.float64 and qp.dtype != torch.float64:
+            # no mixed-dtype subtraction (a hidden float64 copy): qp in float64, whose tensor
+            # the unscaling then computes in
+            qp = torch.empty_like(q).copy_(qp)
+            pool.append(qp)
         q = q.sub_(qp) if own else torch.sub(q, qp)
         own = True
         del qp
-    s[t] = buf.unscale(q, *e.mult, overwrite=own) if e.mult is not None else q
+    s[t] = buf.unscale(q, *e.mult, overwrite=own, pool=pool) if e.mult is not None else q
+    del pool
     if e.alpha_grad:  # d/d alpha reads the reconstructed state
         prev = fps[t].decode(s[t], dtype)
         _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
