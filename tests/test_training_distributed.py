@@ -13,13 +13,20 @@ joins it itself. Each worker saves its final state and record; the tests compare
 - resume: a run interrupted after its first epoch and resumed gives the uninterrupted run bit
   for bit, and only rank 0 writes a checkpoint (rank 1's folder stays empty);
 - a converted ResNet with BatchNorm (statistics per rank, as documented): every rank ends with
-  the same state, and the curves report rank 0's model evaluated on the whole test set.
+  the same state, and the curves report rank 0's model evaluated on the whole test set;
+- the command line, as ``torchrun -m experiments run image_classification --tiny`` runs it
+  (a process group of its own, on a second port): rank 0 alone writes and prints, the other
+  rank leaves no scratch folder, and a rerun is cached on every rank (no rank trains alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,15 +118,50 @@ def _resume(rank: int, out: Path) -> dict:
             "files": sorted(p.name for p in path.parent.iterdir())}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+def _scratch_folders() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("mode-experiments-rank*")}
+
+
+def _command_line(out: Path) -> dict:
+    """``python -m experiments run image_classification --tiny --out OUT`` twice in this
+    rank: exit codes and what each printed."""
+    import experiments.__main__ as cli
+
+    before = _scratch_folders()
+    said, wrote = [], []
+    runner = cli.run_experiment
+
+    def recorded(*args, **kwargs):  # where this rank's runner writes
+        result = runner(*args, **kwargs)
+        wrote.append(str(Path(result["json"]).resolve()))
+        return result
+
+    cli.run_experiment = recorded
+    try:
+        for _ in range(2):
+            text = io.StringIO()
+            with contextlib.redirect_stdout(text):
+                code = cli.main(["run", "image_classification", "--tiny", "--out", str(out)])
+            said.append((code, text.getvalue()))
+    finally:
+        cli.run_experiment = runner
+    return {"said": said, "wrote": wrote, "left": sorted(_scratch_folders() - before),
+            "group_left": torch.distributed.is_initialized()}
+
+
+def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MODE_EXPERIMENTS_QUIET="1")
     torch.set_num_threads(1)
     try:
         results = {name: _run(name) for name in CASES}
         results["resume"] = _resume(rank, Path(out))
         results["group"] = (torch.distributed.get_rank(), torch.distributed.get_world_size(),
                             torch.distributed.get_backend())
+        torch.distributed.destroy_process_group()
+        os.environ["MASTER_PORT"] = str(ports[1])
+        results["cli"] = _command_line(Path(out) / "cli")
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
@@ -136,7 +178,8 @@ def _free_port() -> int:
 def ranks(tmp_path_factory):
     """The results of each rank, from one spawn of 2 workers."""
     out = tmp_path_factory.mktemp("torchrun")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+    ports = (_free_port(), _free_port())
+    ctx = mp.start_processes(_worker, args=(ports, str(out)), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -148,7 +191,9 @@ def ranks(tmp_path_factory):
             if p.is_alive():
                 p.kill()
             p.join(5)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results[0]["cli_out"] = out / "cli"
+    return results
 
 
 def _assert_states_close(got: dict, want: dict, tol: float) -> None:
@@ -209,6 +254,29 @@ def test_batchnorm_ranks_agree_and_evaluation_is_rank_0s_model(ranks):
         # float32; the slices of 20 test examples are evaluated as batches of their own
         assert curves["test_loss"][-1] == pytest.approx(loss, rel=1e-5)
         assert curves["test_accuracy"][-1] == acc
+
+
+def test_command_line_under_torchrun_writes_on_rank_0_only(ranks):
+    out = ranks[0]["cli_out"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "image_classification.json", "image_classification.pdf", "image_classification.png"]
+    record = json.loads((out / "image_classification.json").read_text())
+    assert record["results"]["world_size"] == WORLD
+    accuracies = record["results"]["datasets"]["digits"]["momentum"]["test_accuracy"]
+    assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
+    (first, said_first), (second, said_second) = ranks[0]["cli"]["said"]
+    assert first == second == 0
+    assert "image_classification   ran" in said_first and f"({WORLD} processes)" in said_first
+    assert "image_classification   cached" in said_second
+    mine = str((out / "image_classification.json").resolve())
+    assert ranks[0]["cli"]["wrote"] == [mine, mine]
+    for r in range(1, WORLD):  # the others ran too, silently, elsewhere, and left nothing
+        assert [code for code, _ in ranks[r]["cli"]["said"]] == [0, 0]
+        assert len(ranks[r]["cli"]["wrote"]) == 2
+        assert not any(p.startswith(str(out.resolve())) for p in ranks[r]["cli"]["wrote"])
+        assert all(text == "" for _, text in ranks[r]["cli"]["said"])
+    for r in range(WORLD):
+        assert ranks[r]["cli"]["left"] == [] and not ranks[r]["cli"]["group_left"]
 
 
 def test_no_worker_or_process_group_is_left(ranks):
