@@ -25,10 +25,10 @@ figures and checkpoints, and prints. For example
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -119,13 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # torchrun stops the other workers with SIGTERM when one fails: exit through the finally
-    # blocks, so that a rank's scratch folder is removed
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         return _run(args, names, rank, world)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         torch.distributed.destroy_process_group()
 
 
@@ -148,6 +144,18 @@ def _collective_device():
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return None
+
+
+def _scratch_folder(out: Path, rank: int) -> Path:
+    """An empty folder of this rank for the output folder ``out``, in the temporary directory.
+    Its name depends on ``out`` and the rank only, so that one left by a killed run (torchrun
+    stops the other ranks with signals when one fails) is emptied by the next."""
+    user = getattr(os, "getuid", lambda: 0)()
+    key = hashlib.sha256(f"{Path(out).resolve()}:{user}".encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"mode-experiments-rank{rank}-{key}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def _mirror_cache(out: Path, scratch: Path, name: str) -> None:
@@ -189,7 +197,7 @@ def _run(args, names: list[str], rank: int = 0, world: int = 1) -> int:
         if world > 1:
             out = _share(out, rank)  # --fresh: rank 0's folder
             if rank != 0:
-                scratch = Path(tempfile.mkdtemp(prefix=f"mode-experiments-rank{rank}-"))
+                scratch = _scratch_folder(out, rank)
                 os.environ["MODE_EXPERIMENTS_QUIET"] = "1"  # rank 0 reports
         check_writable(out if scratch is None else scratch)
     except (ValueError, OutputNotWritableError) as err:
