@@ -32,6 +32,11 @@ Usage::
 
     python benchmarks/bench_momentum.py            # full: depths 8..512, writes RESULTS
     python benchmarks/bench_momentum.py --quick    # a minute or two, prints only
+    python benchmarks/bench_momentum.py --quick --device cuda --out X.md --json X.json
+
+On CUDA (``--device cuda``) times are taken after ``torch.cuda.synchronize``, peak memory is
+``torch.cuda.max_memory_allocated`` over the step (in-process, after a reset), and files are
+written only where ``--out``/``--json`` say (never over the CPU results).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ FULL_DEPTHS = [8, 16, 32, 64, 128, 256, 512]
 QUICK_DEPTHS = [8, 16, 64]
 REF = "autograd loop"
 MIB = 2.0**20
+#: the device of the problems (``--device``; the CPU unless told)
+DEVICE = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,10 +88,10 @@ def make_problem(depth: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     """Blocks, input (requires grad) and output cotangent, deterministic given the seed."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    blocks = nn.ModuleList(MLPBlock() for _ in range(depth)).to(dtype)
-    x0 = torch.randn(BATCH, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
-    cot = torch.randn(BATCH, D, generator=gen, dtype=torch.float64).to(dtype)
-    return blocks, x0, cot
+    blocks = nn.ModuleList(MLPBlock() for _ in range(depth)).to(dtype).to(DEVICE)
+    x0 = torch.randn(BATCH, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    cot = torch.randn(BATCH, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    return blocks, x0.requires_grad_(True), cot
 
 
 def _momentum_block(f: nn.Module, gamma: float, x: torch.Tensor, v: torch.Tensor):
@@ -136,7 +143,11 @@ def build(method: str, blocks: nn.ModuleList, gamma: float) -> Callable[[torch.T
 
 
 def methods_available() -> list[str]:
+    import importlib.util
+
     names = [REF, "checkpoint", "momentumnet bp", "momentumnet mem"]
+    if importlib.util.find_spec("momentumnet") is None:  # e.g. on a GPU machine without it
+        names = names[:2]
     if _mode_available():
         names[1:1] = ["mode autograd"]
         names += ["mode float", "mode exact"]
@@ -152,6 +163,8 @@ def step_fn(net, blocks, x0, cot) -> Callable[[], None]:
             p.grad = None
         out = net(x0)
         out.backward(cot)
+        if x0.device.type == "cuda":
+            torch.cuda.synchronize(x0.device)
 
     return run
 
@@ -177,7 +190,7 @@ def _bound_step(blocks, gamma: float, ref_step: Callable[[], None], x0) -> Calla
     def run() -> None:
         with torch.no_grad():
             _loop(blocks, gamma, x0)
-        ref_step()
+        ref_step()  # synchronizes on CUDA
 
     return run
 
@@ -249,11 +262,17 @@ def peak_worker(method: str, depth: int, gamma: float, threads: int) -> dict:
     run = step_fn(build(method, blocks, gamma), blocks, x0, cot)
     del small, xs, cs
     gc.collect()
+    grads = 4 * (x0.numel() + sum(p.numel() for p in blocks.parameters()))
+    if DEVICE.type == "cuda":  # the allocator's own peak, in this process
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        run()
+        return {"peak_increase_bytes": torch.cuda.max_memory_allocated(DEVICE) - base,
+                "baseline_bytes": base, "grad_bytes": grads, "high_water_reset": True}
     reset = M.reset_peak_rss()
     base = M.peak_rss_bytes()
     run()
     peak = M.peak_rss_bytes()
-    grads = 4 * (x0.numel() + sum(p.numel() for p in blocks.parameters()))
     return {
         "peak_increase_bytes": peak - base,
         "baseline_bytes": base,
@@ -267,6 +286,9 @@ def measure_peak(methods, depths, gamma, threads) -> dict:
     me = os.path.abspath(__file__)
     for depth in depths:
         for m in methods:
+            if DEVICE.type == "cuda":
+                out.setdefault(m, {})[str(depth)] = peak_worker(m, depth, gamma, threads)
+                continue
             argv = [me, "--peak-worker", m, str(depth), str(gamma), "--threads", str(threads)]
             out.setdefault(m, {})[str(depth)] = M.run_isolated(argv)
         print(f"  peak memory depth={depth} done", flush=True)
@@ -433,6 +455,9 @@ def checks(res: dict) -> list[str]:
         def ratio(m: str, key: str = "median_s", t=t) -> float:
             return t[m][top].get(key, math.inf) / t[REF][top][key]
 
+        if "momentumnet mem" not in t:
+            out.append(f"MISS  gamma={g}: momentumnet not installed, its targets unchecked")
+            continue
         fl, ex, mm = ratio("mode float"), ratio("mode exact"), ratio("momentumnet mem")
         cfl, cex, cmm = (
             ratio(m, "median_cpu_s") for m in ("mode float", "mode exact", "momentumnet mem")
@@ -492,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-peak", action="store_true", help="skip the subprocess peak memory")
     ap.add_argument("--peak-gamma", type=float, default=0.9)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument(
         "--out",
         help="results markdown (default benchmarks/RESULTS_momentum.md "
@@ -511,9 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     depths = args.depths or (QUICK_DEPTHS if args.quick else FULL_DEPTHS)
     repeats = args.repeats or (3 if args.quick else 7)
-    full = not args.quick and args.depths is None
+    # the repository's RESULTS files are the CPU's: another device writes only where told
+    full = not args.quick and args.depths is None and DEVICE.type == "cpu"
     out_md = args.out or (os.path.join(HERE, "RESULTS_momentum.md") if full else None)
     out_json = args.json or (os.path.join(HERE, "results_momentum.json") if full else None)
     methods = methods_available()
@@ -522,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     info = M.machine_info()
     info["git_commit"] = M.git_commit(os.path.dirname(HERE))
+    if DEVICE.type == "cuda":
+        info["device"] = f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)})"
     print(f"# {command.strip()}\n# {info}\n# methods: {methods}", flush=True)
 
     res: dict = {
@@ -558,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             f"torch {info['torch']} with torch.set_num_threads({info['torch_threads']}), "
             f"Python {info['python']}; date {info['date_utc']}; repository at commit "
             f"{info['git_commit']}.\n\n"
-            f"Problem: {len(depths)} depths, MLP blocks d={D}, hidden={HIDDEN}, batch {BATCH}, "
+            + (f"Device: {info['device']}.\n\n" if "device" in info else "")
+            + f"Problem: {len(depths)} depths, MLP blocks d={D}, hidden={HIDDEN}, batch {BATCH}, "
             f"float32; {repeats} timed rounds after {args.warmup} warm-up, interleaved across "
             "methods. How memory is measured: benchmarks/README.md. Raw numbers: "
             "benchmarks/results_momentum.json.\n"

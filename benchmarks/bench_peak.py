@@ -25,6 +25,11 @@ Usage::
 
     python benchmarks/bench_peak.py          # both networks, batch 32 and 64, writes RESULTS
     python benchmarks/bench_peak.py --quick  # deep narrow at batch 8, prints only
+    python benchmarks/bench_peak.py --quick --device cuda --out X.md --json X.json
+
+On CUDA the phases come from ``torch.cuda.memory_allocated``/``max_memory_allocated`` around
+the forward and the backward, times are synchronized, and files are written only where
+``--out``/``--json`` say (never over the CPU results).
 """
 
 from __future__ import annotations
@@ -83,6 +88,29 @@ def train_step(model: nn.Module, x, y, mark: bool = False) -> None:
     if mark:
         marker = torch.empty(MARK, dtype=torch.uint8)  # noqa: F841 (a timeline marker)
     loss.backward()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+def cuda_phases(model: nn.Module, x, y) -> dict:
+    """:func:`phases` on CUDA, from the allocator's counters (bytes over the start)."""
+    train_step(model, x, y)  # warm-up
+    model.zero_grad(set_to_none=True)
+    dev = x.device
+    torch.cuda.synchronize(dev)
+    start = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    loss = nn.functional.cross_entropy(model(x), y)
+    torch.cuda.synchronize(dev)
+    forward_peak = torch.cuda.max_memory_allocated(dev) - start
+    held = torch.cuda.memory_allocated(dev) - start
+    torch.cuda.reset_peak_memory_stats(dev)
+    loss.backward()
+    torch.cuda.synchronize(dev)
+    backward_peak = torch.cuda.max_memory_allocated(dev) - start
+    model.zero_grad(set_to_none=True)
+    return {"peak": max(forward_peak, backward_peak), "forward_peak": forward_peak,
+            "held_after_forward": held, "backward_peak": backward_peak}
 
 
 def phases(model: nn.Module, x, y) -> dict:
@@ -114,20 +142,23 @@ def block_bound(base: nn.Module, x) -> dict:
         inp.grad = None
 
     block.zero_grad(set_to_none=True)
-    _, peak = measure_peak(work)
+    _, peak = measure_peak(work, x.device)
     block.zero_grad(set_to_none=True)
     return {"param_grad_bytes": params, "one_block_step_bytes": peak.bytes,
             "bound_bytes": params + peak.bytes}
 
 
-def measure(net: str, batch: int, repeats: int, breakdown: bool) -> dict:
-    base = network(net).train()
-    x, y = data(batch)
+def measure(net: str, batch: int, repeats: int, breakdown: bool,
+            device: str | torch.device = "cpu") -> dict:
+    device = torch.device(device)
+    base = network(net).train().to(device)
+    x, y = (t.to(device) for t in data(batch))
     ms = models(base, breakdown)
     entry: dict = {"network": net, "batch": batch, "models": {}}
     for name, m in ms.items():
         m.train()
-        entry["models"][name] = phases(m, x, y)
+        entry["models"][name] = cuda_phases(m, x, y) if device.type == "cuda" else \
+            phases(m, x, y)
         print(f"  {net} b{batch} {name}: peak {entry['models'][name]['peak'] / MIB:.0f} MiB",
               flush=True)
     entry["bound"] = block_bound(base, x)
@@ -189,22 +220,36 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--out", help="markdown results (default: RESULTS_peak.md for a full CPU "
+                    "run; none otherwise)")
+    ap.add_argument("--json", help="raw results (default: results_peak.json likewise)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.quick:
         plan = [("deep narrow", 8, True)]
     else:
         plan = [("resnet101", 32, True), ("resnet101", 64, False), ("deep narrow", 32, True),
                 ("deep narrow", 64, False)]
-    runs = [measure(net, b, args.repeats, breakdown) for net, b, breakdown in plan]
+    runs = [measure(net, b, args.repeats, breakdown, device) for net, b, breakdown in plan]
     results = {"machine": M.machine_info(), "commit": M.git_commit(os.path.dirname(HERE)),
                "runs": runs}
     text = markdown(results)
+    if device.type == "cuda":
+        results["device"] = f"{device} ({torch.cuda.get_device_name(device)})"
+        text += (f"\nDevice: {results['device']}; peaks from torch.cuda.max_memory_allocated "
+                 "(not the CPU profiler the header names).\n")
     print(text)
-    if not args.quick:
-        with open(os.path.join(HERE, "RESULTS_peak.md"), "w") as fh:
+    # the repository's RESULTS files are the CPU's: another device writes only where told
+    full_cpu = not args.quick and device.type == "cpu"
+    out_md = args.out or (os.path.join(HERE, "RESULTS_peak.md") if full_cpu else None)
+    out_json = args.json or (os.path.join(HERE, "results_peak.json") if full_cpu else None)
+    if out_md:
+        with open(out_md, "w") as fh:
             fh.write(text)
-        with open(os.path.join(HERE, "results_peak.json"), "w") as fh:
+    if out_json:
+        with open(out_json, "w") as fh:
             json.dump(results, fh, indent=1)
     return 0
 

@@ -14,15 +14,28 @@ prints "cached"; ``--force`` recomputes, ``--fresh`` writes into a new folder
 ``runs/<UTC time>/``. ``--dataset`` (digits, mnist1d, cifar10, cifar100) applies to the
 experiments with a dataset setting (image_classification, gamma_robustness); CIFAR is read
 from ``--data-dir DIR`` (the standard python pickles), never downloaded.
+
+Data-parallel training: under ``torchrun`` the training runs of the experiments are
+data-parallel over the processes (:mod:`experiments.training`); only rank 0 writes results,
+figures and checkpoints, and prints. For example
+
+    torchrun --nproc_per_node=2 -m experiments run image_classification --quick --out runs/ddp
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
 
 from .common import resolve_device
 from .datasets import DATASETS, DataNotFoundError
@@ -36,6 +49,7 @@ from .registry import (
     run_experiment,
     takes_dataset,
 )
+from .training import distributed_world, init_distributed
 
 DEFAULT_OUT = "figures"
 
@@ -88,17 +102,88 @@ def main(argv: list[str] | None = None) -> int:
     docs.add_argument("--out", default="figures", help="folder of the results (for timings)")
     args = parser.parse_args(argv)
 
+    rank, world = distributed_world()
     if args.command == "list":
-        for name in EXPERIMENTS:
+        for name in EXPERIMENTS if rank == 0 else ():
             print(f"{name:22s} {get(name).TITLE}")
         return 0
     if args.command == "docs":
-        print(figures_markdown(args.out))
+        if rank == 0:
+            print(figures_markdown(args.out))
         return 0
     names = [args.name] if args.command == "run" else list(EXPERIMENTS)
+    if world == 1:
+        return _run(args, names)
+    try:  # torchrun: join the process group first (the device picks the backend)
+        init_distributed(resolve_device(args.device))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, names, rank, world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _share(value, rank: int):
+    """Rank 0's ``value`` on every rank (a picklable object)."""
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's error, if any rank has one: all ranks stop together."""
+    seen: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, error)
+    return next((e for e in seen if e is not None), None)
+
+
+def _collective_device():
+    """The device object collectives go through: this rank's GPU for nccl, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _scratch_folder(out: Path, rank: int) -> Path:
+    """An empty folder of this rank for the output folder ``out``, in the temporary directory.
+    Its name depends on ``out`` and the rank only, so that one left by a killed run (torchrun
+    stops the other ranks with signals when one fails) is emptied by the next."""
+    user = getattr(os, "getuid", lambda: 0)()
+    key = hashlib.sha256(f"{Path(out).resolve()}:{user}".encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"mode-experiments-rank{rank}-{key}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _mirror_cache(out: Path, scratch: Path, name: str) -> None:
+    """Copy ``out/NAME.json`` and its figures into a rank's scratch folder, so that its
+    runner takes the cache decision of rank 0 (cached runs train on no rank)."""
+    src = out / f"{name}.json"
+    if not src.exists():
+        return
+    shutil.copyfile(src, scratch / src.name)
+    try:
+        figures = json.loads(src.read_text()).get("figures", [])
+    except (OSError, ValueError):
+        return
+    for fig in figures:
+        if (out / fig).is_file():
+            shutil.copyfile(out / fig, scratch / Path(fig).name)
+
+
+def _run(args, names: list[str], rank: int = 0, world: int = 1) -> int:
+    """Run ``names`` into the output folder. Under torchrun every rank runs them (the training
+    is data-parallel); rank 0 writes into the output folder, and each other rank writes into
+    a scratch folder of its own, deleted at the end, that mirrors the output folder's cache
+    of each experiment before it runs, so that every rank trains exactly when rank 0 does."""
     t0 = time.perf_counter()
     summary = []
     out = fresh_folder() if args.fresh else Path(args.out or DEFAULT_OUT)
+    scratch = None
+    error = None
     try:
         # every check that needs no work comes first: device, output folder, dataset choice
         resolve_device(args.device)
@@ -109,28 +194,51 @@ def main(argv: list[str] | None = None) -> int:
             else:  # all: the experiments that take a dataset
                 overrides = {n: dataset_overrides(n, args.dataset) for n in names
                              if takes_dataset(n)}
-        check_writable(out)
+        if world > 1:
+            out = _share(out, rank)  # --fresh: rank 0's folder
+            if rank != 0:
+                scratch = _scratch_folder(out, rank)
+                os.environ["MODE_EXPERIMENTS_QUIET"] = "1"  # rank 0 reports
+        check_writable(out if scratch is None else scratch)
     except (ValueError, OutputNotWritableError) as err:
+        error = str(err)
+    if world > 1:
+        error = _first_error(error)
+    if error is not None:
         # a bad device, an unwritable --out: a clear message before any work, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         return 2
-    if args.fresh:
+    if args.fresh and rank == 0:
         print(f"writing into the fresh folder {out}/ (the committed figures stay in "
               f"{DEFAULT_OUT}/)", file=sys.stderr)
     try:
         for name in names:
+            if scratch is not None:
+                _mirror_cache(out, scratch, name)
             summary.append(run_experiment(name, args.level, device=args.device,
-                                          seed=args.seed, out=out, force=args.force,
+                                          seed=args.seed, out=out if scratch is None else
+                                          scratch, force=args.force,
                                           overrides=overrides.get(name),
                                           data_dir=args.data_dir))
+            if world > 1:
+                torch.distributed.barrier()
     except (OutputNotWritableError, DataNotFoundError) as err:
         # missing CIFAR files (found before any training): a clear message, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if rank != 0:
+        return 0
     total = time.perf_counter() - t0
     for r in summary:
         print(f"{r['name']:22s} {r['status']:9s} {r['wall_s']:7.1f} s  {r['json']}")
-    print(f"total wall time {total:.1f} s")
+    print(f"total wall time {total:.1f} s" + (f" ({world} processes)" if world > 1 else ""))
     if all(r["status"] == "cached" for r in summary):
         print(f"nothing was recomputed: the results in {out}/ match this configuration "
               f"(cached). --force recomputes them there; --fresh runs everything into a new "

@@ -10,6 +10,13 @@ resumed after an interruption) and its final test accuracy recorded per seed.
 Results (pinned: other code reads them): ``results["datasets"][DATASET][MODEL]`` holds
 ``"test_accuracy"`` (per-seed final test accuracies in [0, 1]), ``"curves"`` (per seed, the
 per-epoch curves of :func:`experiments.training.train`), ``"parameters"`` and ``"train_s"``.
+
+Data-parallel (each training run over the ranks, rank 0 writes; see the README, "Training at
+scale")::
+
+    torchrun --nproc_per_node=2 -m experiments run image_classification --quick --out runs/ddp
+
+Under torchrun the results also hold ``"world_size"``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from matplotlib.ticker import MaxNLocator
 from .classifiers import MODELS, build_model, build_resnet, count_parameters
 from .common import Progress, color, resolve_device, save_figure
 from .datasets import Dataset, load_dataset
-from .training import Recipe, train
+from .training import Recipe, distributed_world, init_distributed, train
 
 TITLE = "image classification: ResNet, Momentum ResNet (v0 = 0 and learned), RevNet"
 FIGURES = ["image_classification"]
@@ -141,9 +148,14 @@ def _validate(config: dict) -> None:
 
 
 def run(config: dict, env=None) -> dict:
+    """Train every model on every dataset and seed. Under torchrun each training run is
+    data-parallel over the ranks (:func:`experiments.training.train`; a CUDA device becomes
+    ``cuda:LOCAL_RANK``), rank 0 reports, and the results are those of rank 0 (the same on
+    every rank), with ``"world_size"``."""
     _validate(config)
-    progress = Progress("image_classification")
-    device = resolve_device(config["device"])
+    device = init_distributed(resolve_device(config["device"]))
+    rank, world = distributed_world()
+    progress = Progress("image_classification", quiet=True if rank else None)
     data_dir = None if env is None else env.data_dir
     ckpt_dir = None if env is None else env.checkpoint_dir
     seeds = [config["seed"] + k for k in range(config["seeds"])]
@@ -153,6 +165,8 @@ def run(config: dict, env=None) -> dict:
     out = {"datasets": {}, "seeds": seeds, "gamma": config["gamma"],
            "models": config["models"], "published": PUBLISHED,
            "mnist1d_baselines": MNIST1D_BASELINES}
+    if world > 1:  # one process gives results without the key, exactly as before
+        out["world_size"] = world
     n_runs, k = len(datas) * len(seeds) * len(config["models"]), 0
     for name, data in datas.items():
         setting = config["settings"][name]

@@ -27,8 +27,32 @@ after_epoch=None) -> dict``
     (recipe, seed, data, parameter shapes) is an error, not silently reused.
     ``after_epoch(epoch, record)`` is called after each checkpoint (tests interrupt there).
 
+    The record also holds ``"world_size"`` (1 for one process).
+
 ``evaluate(model, x, y, batch_size=1000) -> (mean loss, accuracy)``
     In eval mode, without gradients, in the model's device and dtype.
+
+Data-parallel training (``torchrun``). When the process is one of several (an initialized
+default process group of size > 1, or ``WORLD_SIZE`` > 1 in the environment, as torchrun sets
+it), ``train`` runs data-parallel: it joins the process group if needed
+(:func:`init_distributed`), wraps the model in ``DistributedDataParallel``, and every rank
+draws the same permutation and takes its contiguous slice (``torch.tensor_split``) of each
+global batch of ``recipe.batch_size`` examples; with ``augment`` the whole global batch is
+augmented on every rank (the draws of one process) and then sliced. Each rank's loss is its
+examples' summed cross-entropy times ``world / batch``, so DDP's averaged gradient is the
+full batch's mean-loss gradient even for unequal slices: the optimization is the
+single-process one up to float round-off. BatchNorm statistics are per rank (each rank
+normalizes its slice); the running statistics kept, evaluated and saved are rank 0's (DDP
+broadcasts them from rank 0, and so does ``train`` before every evaluation), unless the model
+uses ``SyncBatchNorm``. The test set is split across ranks and the sums all-reduced, so every
+rank reports the same curves. Only rank 0 reads and writes the checkpoint (the others receive
+its state by broadcast and wait at a barrier while it writes), so no shared file system is
+needed; the checkpoint has the single-process format, and either kind of run resumes the
+other's. One process is unchanged, bit for bit.
+
+``distributed_world() -> (rank, world_size)``; ``init_distributed(device) -> device``
+    This process's rank and the world size (``(0, 1)`` for one process); joining torchrun's
+    process group (nccl for CUDA, gloo otherwise) and this rank's device (``cuda:LOCAL_RANK``).
 """
 
 from __future__ import annotations
@@ -42,13 +66,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .common import Progress
 from .datasets import Dataset, augment_crop_flip
 
-__all__ = ["Recipe", "PAPER_RECIPE", "train", "evaluate", "CheckpointMismatchError"]
+__all__ = ["Recipe", "PAPER_RECIPE", "train", "evaluate", "CheckpointMismatchError",
+           "distributed_world", "init_distributed"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -100,11 +126,9 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode."""
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)}, {len(y)}")
+def _evaluate_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   batch_size: int) -> tuple[float, int]:
+    """Summed cross-entropy and number of correct predictions of ``model`` on ``(x, y)``."""
     device, dtype = _model_device_dtype(model)
     was_training = model.training
     model.eval()
@@ -118,7 +142,115 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             correct += int((logits.argmax(1) == yb).sum())
     finally:
         model.train(was_training)
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode."""
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)}, {len(y)}")
+    loss, correct = _evaluate_sums(model, x, y, batch_size)
     return loss / len(x), correct / len(x)
+
+
+# --------------------------------------------------------------------------------------------
+# data parallelism (torchrun): one process per rank, the same optimization as one process
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialized default process group, else of torchrun's
+    environment (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str | torch.device) -> torch.device:
+    """Join torchrun's process group when this process is one of several; this rank's device.
+
+    With ``WORLD_SIZE`` > 1 and no default process group yet, initializes one from the
+    environment torchrun sets (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``):
+    nccl for a CUDA device, gloo otherwise. Under several processes a CUDA device becomes
+    ``cuda:LOCAL_RANK`` (made the current device); one process gets ``device`` back unchanged.
+    """
+    device = torch.device(device)
+    _, world = distributed_world()
+    if world <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _rank_batch(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, rank: int, world: int,
+                augment: bool, generator: torch.Generator, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the global batch ``x[idx]``: the ``rank``-th of ``world`` contiguous
+    slices (``tensor_split``). With ``augment`` the whole batch is augmented first, so the
+    generator makes the draws of one process and stays the same on every rank."""
+    if augment:
+        xb = augment_crop_flip(x[idx].to(device=device, dtype=dtype), generator)
+        return xb.tensor_split(world)[rank], y[idx].tensor_split(world)[rank].to(device)
+    part = idx.tensor_split(world)[rank]
+    return x[part].to(device=device, dtype=dtype), y[part].to(device)
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """The sums over ranks of ``values`` (float64, one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+@torch.no_grad()
+def _evaluate_shared(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                     rank: int, world: int, device: torch.device) -> tuple[float, float]:
+    """:func:`evaluate` of rank 0's model, each rank on its slice of ``(x, y)``, the sums
+    all-reduced: the same numbers on every rank."""
+    _broadcast_buffers(model)
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    loss, correct = _evaluate_sums(model, xs, ys, batch_size) if len(xs) else (0.0, 0)
+    loss, correct = _all_sum([loss, float(correct)], device)
+    return loss / len(x), correct / len(x)
+
+
+def _load_shared(path: Path | None, fingerprint: str, rank: int,
+                 device: torch.device) -> dict | None:
+    """Rank 0 reads the checkpoint (if any) and broadcasts it; every rank gets the state or
+    raises the same :class:`CheckpointMismatchError`."""
+    box: list = [None, None]
+    if rank == 0 and path is not None and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            box[1] = str(path)
+        else:
+            box[0] = state
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    if box[1] is not None:
+        raise CheckpointMismatchError(
+            f"checkpoint {box[1]} belongs to another configuration (recipe, seed, data or "
+            f"model differ); delete it or choose another path")
+    return box[0]
+
+
+def _check_same_run(fingerprint: str, device: torch.device) -> None:
+    """Every rank trains the same configuration (recipe, seed, data, parameter shapes)."""
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, fingerprint)
+    if len(set(seen)) != 1:
+        raise ValueError(f"the ranks train different configurations (fingerprints {seen}): "
+                         "every rank must get the same model, data, recipe and seed")
 
 
 def _fingerprint(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> str:
@@ -168,10 +300,32 @@ def _batch_meter(n: int, desc: str, quiet: bool):
     return tqdm(total=n, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
+def _joined(device: torch.device) -> tuple[int, int]:
+    """``(rank, world)``, joining torchrun's process group first when there are several
+    processes; a model on another GPU than ``cuda:LOCAL_RANK`` is an error."""
+    _, world = distributed_world()
+    if world > 1:
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ \
+                and device.index != int(os.environ["LOCAL_RANK"]):
+            raise ValueError(f"under torchrun each rank trains on cuda:LOCAL_RANK; this rank's "
+                             f"model is on {device}, LOCAL_RANK is {os.environ['LOCAL_RANK']} "
+                             "(place it on init_distributed(device))")
+        init_distributed(device)
+    return distributed_world()
+
+
+def _restore(state: dict, model, optimizer, scheduler, generator, device) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_states(state["rng"], generator, device)
+
+
 def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
           checkpoint: str | os.PathLike | None = None, progress: Progress | None = None,
           label: str = "", after_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train ``model`` in place; see the module docstring for the returned record."""
+    """Train ``model`` in place; see the module docstring for the returned record (and for
+    data-parallel training under torchrun)."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -180,7 +334,10 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
         raise ValueError(f"Recipe.augment=True needs images (N, C, H, W); dataset {data.name!r} "
                          f"has inputs of shape {tuple(data.x_train.shape[1:])}")
     device, dtype = _model_device_dtype(model)
+    rank, world = _joined(device)
     progress = progress if progress is not None else Progress("train")
+    if rank != 0:  # one report per run, from rank 0
+        progress = Progress(progress.name, quiet=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
@@ -194,20 +351,26 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
     start = 0
     path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(model, data, recipe, seed)
-    if path is not None and path.exists():
+    state = None
+    if world > 1:
+        _check_same_run(fingerprint, device)
+        state = _load_shared(path, fingerprint, rank, device)
+    elif path is not None and path.exists():
         state = torch.load(path, map_location=device, weights_only=False)
         if state.get("fingerprint") != fingerprint:
             raise CheckpointMismatchError(
                 f"checkpoint {path} belongs to another configuration (recipe, seed, data or "
                 f"model differ); delete it or choose another path")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"], generator, device)
+    if state is not None:
+        _restore(state, model, optimizer, scheduler, generator, device)
         curves, start = state["curves"], int(state["epoch"])
         if start < recipe.epochs:
             progress(f"{label} resuming after epoch {start}/{recipe.epochs} from {path}")
     resumed_from = start
+    net = model
+    if world > 1:  # one process per rank: DDP averages the gradients of the slices
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     x_train, y_train = data.x_train, data.y_train
     n = len(x_train)
@@ -220,16 +383,29 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
         meter = _batch_meter(batches, f"{label} epoch {epoch + 1}", progress.quiet)
         for b in range(batches):
             idx = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
-            xb = x_train[idx].to(device=device, dtype=dtype)
-            yb = y_train[idx].to(device)
-            if recipe.augment:
-                xb = augment_crop_flip(xb, generator)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            if world == 1:
+                xb = x_train[idx].to(device=device, dtype=dtype)
+                yb = y_train[idx].to(device)
+                if recipe.augment:
+                    xb = augment_crop_flip(xb, generator)
+                logits = net(xb)
+                loss = F.cross_entropy(logits, yb)
+                summed = None
+            else:
+                xb, yb = _rank_batch(x_train, y_train, idx, rank, world, recipe.augment,
+                                     generator, device, dtype)
+                logits = net(xb)
+                # DDP divides the sum of the ranks' gradients by world: this makes it the
+                # gradient of the global batch's mean loss, whatever the slices' sizes
+                summed = F.cross_entropy(logits, yb, reduction="sum")
+                loss = summed * (world / len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * len(idx)
+            if summed is None:
+                total_loss += float(loss.detach()) * len(idx)
+            else:
+                total_loss += float(summed.detach())
             correct += int((logits.detach().argmax(1) == yb).sum())
             if meter is not None:
                 meter.update(1)
@@ -237,18 +413,26 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
             meter.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        test_loss, test_acc = evaluate(model, data.x_test, data.y_test, recipe.eval_batch_size)
+        if world == 1:
+            test_loss, test_acc = evaluate(model, data.x_test, data.y_test,
+                                           recipe.eval_batch_size)
+        else:
+            total_loss, correct = _all_sum([total_loss, float(correct)], device)
+            test_loss, test_acc = _evaluate_shared(model, data.x_test, data.y_test,
+                                                   recipe.eval_batch_size, rank, world, device)
         for key, value in (("epoch", epoch + 1), ("lr", lr), ("train_loss", total_loss / n),
                            ("train_accuracy", correct / n), ("test_loss", test_loss),
                            ("test_accuracy", test_acc),
                            ("epoch_s", time.perf_counter() - t0)):
             curves[key].append(value)
         record = {"curves": curves, "epoch": epoch + 1}
-        if path is not None:
+        if path is not None and rank == 0:
             _save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "curves": curves,
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(),
                           "rng": _rng_states(generator, device)}, path)
+        if world > 1:  # the others wait while rank 0 writes
+            dist.barrier()
         progress(f"{label} epoch {epoch + 1}/{recipe.epochs}: loss {total_loss / n:.3f}, "
                  f"train {correct / n:.1%}, test {test_acc:.1%}")
         if after_epoch is not None:
@@ -257,4 +441,4 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
         raise RuntimeError("training ran no epoch")  # unreachable: epochs >= 1
     return {"curves": curves, "test_accuracy": curves["test_accuracy"][-1],
             "epochs": recipe.epochs, "resumed_from": resumed_from,
-            "cached": resumed_from == recipe.epochs}
+            "cached": resumed_from == recipe.epochs, "world_size": world}

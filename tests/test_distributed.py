@@ -291,3 +291,79 @@ def test_residual_functions_as_fsdp_units_are_refused(results):
 def test_no_worker_or_process_group_is_left(results):
     assert not torch.distributed.is_initialized()
     assert not mp.active_children()
+
+
+# --------------------------------------------------------------------------------------------
+# SyncBatchNorm inside f, on CUDA: two processes, each its half of the batch. With nccl where
+# there are 2 GPUs (one each); else both on cuda:0 over gloo, which torch's SyncBatchNorm
+# supports (torch/nn/modules/_functions.py gathers with all_gather when the backend is gloo).
+# Synchronized statistics are the full batch's, so the reference is one process with plain
+# BatchNorm on the full batch (autograd, float64): gradients and running statistics.
+
+
+def _sync_worker(rank: int, port: int, out: str, backend: str) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank if backend == "nccl" else 0)
+    torch.cuda.set_device(device)
+    torch.distributed.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        results = {}
+        for how in MODES:
+            try:
+                model = nn.parallel.DistributedDataParallel(
+                    _model(how, "sync").to(device), device_ids=[device.index])
+                x, y = _data()
+                _loss(model, _shard(x, rank).to(device), _shard(y, rank).to(device)).backward()
+                results[how] = {
+                    "grads": {k: g.cpu() for k, g in _grads(model).items()},
+                    "buffers": {k.removeprefix("module."): b.detach().cpu().clone()
+                                for k, b in model.named_buffers()}}
+            except Exception as err:  # reported per mode; the others still run
+                results[how] = {"error": f"{type(err).__name__}: {err}"}
+            torch.distributed.barrier()
+        torch.save(results, Path(out) / f"sync-rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn_sync(out: Path) -> list[dict]:
+    backend = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
+    ctx = mp.start_processes(_sync_worker, args=(_free_port(), str(out), backend),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {WORLD} workers did not finish in {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    return [torch.load(out / f"sync-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_syncbatchnorm_in_f_equals_one_process_on_the_full_batch(device, results,
+                                                                  tmp_path):
+    """On CUDA: every mode's gradients and running statistics equal autograd's with the full
+    batch's statistics. On the CPU (no GPU to synchronize on), torch's refusal."""
+    if device.type == "cpu":
+        for rank in range(WORLD):
+            said = results[rank]["refusals"]["syncbn-forward"]
+            assert "SyncBatchNorm expected input tensor to be on GPU" in said
+        return
+    got = _spawn_sync(tmp_path)
+    model = _model("autograd", "bn")
+    x, y = _data()
+    _loss(model, x, y).backward()
+    want_grads = _grads(model)
+    want_buffers = dict(model.named_buffers())
+    for how in MODES:
+        for rank in range(WORLD):
+            assert "error" not in got[rank][how], (how, got[rank][how])
+        _close(got[0][how]["grads"], want_grads, 1e-9)
+        for k, b in want_buffers.items():  # counted once, not again in the recomputation
+            assert torch.allclose(got[0][how]["buffers"][k], b, rtol=1e-10, atol=1e-12), \
+                (how, k)
