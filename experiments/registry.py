@@ -85,6 +85,9 @@ def experiment_config(name: str, level: str = "quick", *, device: str = "cpu", s
             )
         config[key] = value
     config.update(level=level, device=device, seed=int(seed))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # under torchrun: a run on several processes is cached apart from one
+        config["world_size"] = world
     return config
 
 

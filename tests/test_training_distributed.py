@@ -282,3 +282,16 @@ def test_command_line_under_torchrun_writes_on_rank_0_only(ranks):
 def test_no_worker_or_process_group_is_left(ranks):
     assert not torch.distributed.is_initialized()
     assert not mp.active_children()
+
+
+def test_the_number_of_processes_is_part_of_the_cache_key(monkeypatch):
+    """A torchrun run and a one-process run of the same experiment are cached apart; one
+    process keeps the key it always had."""
+    from experiments.registry import experiment_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = experiment_config("image_classification", "tiny")
+    assert "world_size" not in one
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = experiment_config("image_classification", "tiny")
+    assert two == {**one, "world_size": 2}
