@@ -142,19 +142,21 @@ class _Plan:
         self.bias_d = torch.tensor(1.0 / (2 * d), dtype=torch.float64)
         self.bias_n = torch.tensor(1.0 / (2 * n), dtype=torch.float64)
 
-    def _floor_div_d(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.inv_d is not None:
-            return torch.mul(t, self.inv_d, out=out).floor_()
+    def _floor_div(self, t: torch.Tensor, k: int, inv: float | None, bias: torch.Tensor,
+                   out: torch.Tensor | None) -> torch.Tensor:
+        """``floor(t / k)``: an exact reciprocal (power of two), a rounded one with a bias
+        where every dividend is provably below _RECIPROCAL_MAX, else a division."""
+        if inv is not None:
+            return torch.mul(t, inv, out=out).floor_()
         if self.fast:
-            return torch.add(self.bias_d, t, alpha=1.0 / self.d, out=out).floor_()
-        return torch.div(t, self.d, out=out).floor_()
+            return torch.add(bias, t, alpha=1.0 / k, out=out).floor_()
+        return torch.div(t, k, out=out).floor_()
+
+    def _floor_div_d(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._floor_div(t, self.d, self.inv_d, self.bias_d, out)
 
     def _floor_div_n(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.inv_n is not None:
-            return torch.mul(t, self.inv_n, out=out).floor_()
-        if self.fast:
-            return torch.add(self.bias_n, t, alpha=1.0 / self.n, out=out).floor_()
-        return torch.div(t, self.n, out=out).floor_()
+        return self._floor_div(t, self.n, self.inv_n, self.bias_n, out)
 
     def divide(self, q: torch.Tensor, overwrite: bool = False, pool: list | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -17,14 +17,13 @@ eval mode (running statistics, no communication) it is compared like BatchNorm.
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port, spawn
 from torch import nn
 
 import mode
@@ -166,28 +165,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """``{case: {"grads": ..., "buffers": ...}}`` of each rank, from one spawn of 2 workers."""
     out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} workers did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # never leave a worker behind, whatever happened
-            if p.is_alive():
-                p.kill()
-            p.join(5)
+    spawn(_worker, (free_port(), str(out)), WORLD, TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -330,18 +312,7 @@ def _sync_worker(rank: int, port: int, out: str, backend: str) -> None:
 
 def _spawn_sync(out: Path) -> list[dict]:
     backend = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
-    ctx = mp.start_processes(_sync_worker, args=(_free_port(), str(out), backend),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} workers did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
+    spawn(_sync_worker, (free_port(), str(out), backend), WORLD, TIMEOUT_S)
     return [torch.load(out / f"sync-rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -25,14 +25,13 @@ import contextlib
 import io
 import json
 import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port, spawn
 from torch import nn
 
 import mode
@@ -168,29 +167,12 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
             torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """The results of each rank, from one spawn of 2 workers."""
     out = tmp_path_factory.mktemp("torchrun")
-    ports = (_free_port(), _free_port())
-    ctx = mp.start_processes(_worker, args=(ports, str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {WORLD} workers did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # never leave a worker behind, whatever happened
-            if p.is_alive():
-                p.kill()
-            p.join(5)
+    ports = (free_port(), free_port())
+    spawn(_worker, (ports, str(out)), WORLD, TIMEOUT_S)
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     results[0]["cli_out"] = out / "cli"
     return results
