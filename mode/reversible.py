@@ -856,14 +856,14 @@ def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
 
 
 #: Positions per slot that an exact forward records after every step (:class:`_Fingerprints`).
-FINGERPRINT_SIZE = 128
+FINGERPRINT_SIZE = 32
 
 
 class _Fingerprints:
     """Both fixed-point slots at ``k = min(numel, FINGERPRINT_SIZE)`` fixed, evenly spaced
     positions, before the first step (row 0) and after the couplings of step ``i`` (row
     ``i + 1``, before its swap): ``rows``, pairs of ``k``-vectors in the storage dtype. Two
-    index_selects per step (about 4 us on a CPU, no synchronization; 2 KB per step whatever
+    index_selects per step (about 4 us on a CPU, no synchronization; 512 bytes per step whatever
     the state size); read only after a failed reconstruction, to find the step where it
     departs from the forward."""
 

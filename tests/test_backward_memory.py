@@ -53,8 +53,8 @@ def test_backward_holds_one_state_pair_and_one_gradient_pair(exact):
 
     marks, _ = _levels_at_marks(exact)
     words = 1 / 8 if exact else 0.0
-    # exact mode's per-step fingerprints (mode.reversible._Fingerprints): 2 x 128 float64 per
-    # step and at the start, and their index; the backward records as many again as it goes
+    # exact mode's per-step fingerprints (mode.reversible._Fingerprints): 2 x FINGERPRINT_SIZE
+    # float64 per step and at the start, and their index; the backward records as many again
     fingerprints = ((6 + 1) * 2 + 1) * FINGERPRINT_SIZE * 8 / MAP if exact else 0.0
     assert marks[0] == (MARK_BACKWARD, pytest.approx(2 + words + fingerprints, abs=1e-4))
     during = [level for kind, level in marks[1:] if kind == MARK_PHI]
