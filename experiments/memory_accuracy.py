@@ -41,9 +41,10 @@ on an offline data set (sklearn's 8x8 digits at --quick). Filled markers: revers
 training. Hollow markers: the same trained weights run by the exact engine (bit-exact
 reconstruction; accuracy evaluated, not retrained), whose peak adds exact arithmetic's
 temporaries and its information buffer (about log2(1/gamma) bits per scalar and layer; at
---quick the temporaries dominate, the exact peaks at gamma 0.5 and 0.9 differ by 0.1 MiB). The float
-peak does not depend on gamma (the same 5.49 MiB at 0.5 and 0.9). One seed, about 540 test
-images (one image is 0.2 points): the accuracy differences are those of single runs.
+--quick the temporaries dominate: the exact peaks at gamma 0.5 and 0.9 are equal). The float
+peak does not depend on gamma either (one block's recomputation, whatever gamma). One seed,
+about 540 test images (one image is 0.2 points): the accuracy differences are those of single
+runs.
 """
 REVISION = 1
 

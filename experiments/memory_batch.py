@@ -53,8 +53,8 @@ torch.cuda.max_memory_allocated on a GPU) against batch size, for an ImageNet-sh
 on every block, its Momentum ResNet conversion (mode.convert, gamma = 0.9) reversible in float
 and bit-exact, and a RevNet with the same stem, first blocks and convolution parameter count.
 At --quick the ResNet-152's peak is almost all parameters and their gradients (about 222 MiB)
-because its 32x32 images leave tiny activations; there the conversions do not pay (float is
-about 1.5 MiB above autograd at batch 8, exact 11 MiB). On the deep CIFAR ResNet, where
+because its 32x32 images leave tiny activations; there the conversions do not pay (at batch 8
+float and exact are within about 1 MiB of autograd). On the deep CIFAR ResNet, where
 activations dominate, the conversions cut the slope against batch size. The table gives, for a
 budget equal to the autograd ResNet's peak at the largest plotted batch, the largest batch of
 every model whose measured peak fits it ("+": the search cap was reached).
