@@ -324,11 +324,10 @@ class FixedPoint:
 
     def encode(self, x: torch.Tensor, what: str = "a state") -> torch.Tensor:
         """``round(x 2^F)`` in ``storage``; raises if out of range or not finite."""
-        x = x.detach()
-        if self.storage == torch.int64 or (x.dtype != torch.float32 and x.dtype != torch.float64):
-            x = x.to(torch.float64)  # half formats overflow at 2^F; float64 holds them exactly
-        # Scaling by a power of two and rounding are exact in the input's own float format.
-        y = torch.round(x * self.scale)
+        # In float64 (one new tensor): half formats overflow at 2^F and float64 holds every
+        # value exactly; scaling by a power of two and rounding are exact there, and give the
+        # integers that the input's own format would.
+        y = x.detach().to(torch.float64, copy=True).mul_(self.scale).round_()
         if y.numel() == 0:
             return y.to(self.storage)
         low, high = torch.aminmax(y)

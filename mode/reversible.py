@@ -851,8 +851,11 @@ def _guard_shift(e: _ExactCoupling, q: list[torch.Tensor], fps, known: list) -> 
 
 def _checksum(q: list[torch.Tensor]) -> tuple[int, ...]:
     """Two wrapping int64 sums per tensor: enough to tell a drifted reconstruction."""
-    q = [x.to(torch.int64) for x in q]
-    return tuple(int(v) for x in q for v in (x.sum(), (x * x).sum()))
+    sums = []
+    for x in q:
+        x = x.to(torch.int64, copy=True)  # copied: squared in place below
+        sums += [int(x.sum()), int(x.mul_(x).sum())]
+    return tuple(sums)
 
 
 #: Positions per slot that an exact forward records after every step (:class:`_Fingerprints`).
