@@ -390,9 +390,12 @@ def report(res: dict) -> str:
     if res.get("peak"):
         p = res["peak"]
         lines += [
-            f"\n**Peak memory, gamma = {res['peak_gamma']}** (MiB; increase of the RSS high-water "
-            "mark over a post-build, post-warm-up baseline, fresh process per cell; includes "
-            "the parameter gradients, row `grads`)\n"
+            f"\n**Peak memory, gamma = {res['peak_gamma']}** (MiB; "
+            + ("torch.cuda.max_memory_allocated over the allocated bytes before the step, in "
+               "this process; " if DEVICE.type == "cuda" else
+               "increase of the RSS high-water mark over a post-build, post-warm-up baseline, "
+               "fresh process per cell; ")
+            + "includes the parameter gradients, row `grads`)\n"
         ]
         lines += _header("method \\ depth", depths)
         for m in methods:
