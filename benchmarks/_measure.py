@@ -259,3 +259,9 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def machine_line(info: dict) -> str:
+    """``processor, N cores, T torch thread, torch V, date`` of :func:`machine_info`."""
+    return (f"{info['processor']}, {info['cpu_count']} cores, {info['torch_threads']} torch "
+            f"thread, torch {info['torch']}, {info['date_utc']}")

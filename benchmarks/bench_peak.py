@@ -184,8 +184,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# Peak training memory: ResNet-101 and a deep narrow ResNet",
         "",
-        f"`python benchmarks/bench_peak.py` on {info['processor']}, {info['cpu_count']} cores, "
-        f"{info['torch_threads']} torch thread, torch {info['torch']}, {info['date_utc']}, "
+        f"`python benchmarks/bench_peak.py` on {M.machine_line(info)}, "
         f"commit {results['commit']}. One training step (forward, cross-entropy, backward, "
         "parameter gradients included), every CPU allocation counted (torch.profiler), after a "
         "warm-up step; time: median of interleaved steps without the profiler. "

@@ -261,9 +261,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# Peers: time and peak training memory on the same stages",
         "",
-        f"`{results['command']}` on {info['processor']}, {info['cpu_count']} cores, "
-        f"{info['torch_threads']} torch thread, torch {info['torch']}, {info['date_utc']}, "
-        f"commit {results['commit']}; revlib {results['versions'].get('revlib')}, memcnn "
+        f"`{results['command']}` on {M.machine_line(info)}, commit {results['commit']}; "
+        f"revlib {results['versions'].get('revlib')}, memcnn "
         f"{results['versions'].get('memcnn')} (installed with --no-deps; see below). One "
         "training step (forward, sum-of-squares loss, backward, parameter gradients included), "
         "every CPU allocation counted (torch.profiler), after a warm-up step; time: median of "
