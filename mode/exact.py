@@ -365,10 +365,9 @@ class FixedPoint:
     def decode(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``q 2^-F`` rounded to ``dtype`` (the scaling by a power of two is exact; int64 ``q``
         beyond ``2^53`` is rounded to float64 first)."""
-        if q.dtype == torch.int64:
-            q = q.to(torch.float64)
-            return q.mul_(1.0 / self.scale) if dtype == torch.float64 \
-                else torch.mul(q, 1.0 / self.scale).to(dtype)
+        if q.dtype == torch.int64:  # the float64 copy is scaled in place, rounded once
+            q = q.to(torch.float64).mul_(1.0 / self.scale)
+            return q if dtype == torch.float64 else q.to(dtype)
         if dtype == torch.float64:
             return q * (1.0 / self.scale)
         if dtype == torch.float32:

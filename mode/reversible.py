@@ -1217,7 +1217,7 @@ class _ReversibleFunction(torch.autograd.Function):
         plan, dtype = ctx.plan, ctx.dtype
         plan.check_unmodified()
         saved = plan.take_handoff()
-        s = list(saved[:2])  # never modified in place: updates make new tensors
+        s = list(saved[:2])  # the handed-over pair: never written (see foreign below)
         shape, device = s[0].shape, s[0].device
         # The gradients are this backward's own (the handoff node cloned them): they are
         # updated in place, so that no second copy of the pair lives beside them.
@@ -1363,6 +1363,36 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, True)
 
 
+def _undo_exact(e: _ExactCoupling, fps, q: list, qp: list, buf: InformationBuffer, own: bool):
+    """``q[t]`` before the coupling ``e``: its shift and the quantized ``p`` subtracted, then
+    unscaled (popping ``buf``). The backward's and the inverse's one exact undo.
+
+    ``qp``: the quantized ``p`` in a list of one (or an empty list), emptied here, so that its
+    tensor is freed once subtracted. ``own``: ``q[t]`` is the caller's own and may be updated
+    in place (a handed-over or recorded state never is)."""
+    t, o = e.t, e.o
+    qp = qp.pop() if qp else None
+    x = q[t]
+    if e.shift:
+        x = x.sub_(q[o], alpha=e.shift) if own else torch.sub(x, q[o], alpha=e.shift)
+        own = True
+    elif e.shift_rounded:
+        shift = fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits)
+        x = x.sub_(shift) if own else torch.sub(x, shift)
+        own = True
+    pool = []
+    if qp is not None:
+        if x.dtype == torch.float64 and qp.dtype != torch.float64:
+            # no mixed-dtype subtraction (a hidden float64 copy): qp in float64, whose tensor
+            # the unscaling then computes in
+            qp = torch.empty_like(x).copy_(qp)
+            pool.append(qp)
+        x = x.sub_(qp) if own else torch.sub(x, qp)
+        own = True
+        del qp
+    return buf.unscale(x, *e.mult, overwrite=own, pool=pool) if e.mult is not None else x
+
+
 def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
                              check, foreign):
     """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
@@ -1392,27 +1422,9 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
             if p is not None else None
         if not e.alpha_grad:
             del p
-    q = s[t]
-    own = id(q) not in foreign  # the handed-over output: never modified in place
-    if e.shift:
-        q = q.sub_(s[o], alpha=e.shift) if own else torch.sub(q, s[o], alpha=e.shift)
-        own = True
-    elif e.shift_rounded:
-        shift = fps[t].round_shift(s[o], e.shift_rounded, e.shift_bits)
-        q = q.sub_(shift) if own else torch.sub(q, shift)
-        own = True
-    pool = []
-    if qp is not None:
-        if q.dtype == torch.float64 and qp.dtype != torch.float64:
-            # no mixed-dtype subtraction (a hidden float64 copy): qp in float64, whose tensor
-            # the unscaling then computes in
-            qp = torch.empty_like(q).copy_(qp)
-            pool.append(qp)
-        q = q.sub_(qp) if own else torch.sub(q, qp)
-        own = True
-        del qp
-    s[t] = buf.unscale(q, *e.mult, overwrite=own, pool=pool) if e.mult is not None else q
-    del pool
+    terms = [qp] if qp is not None else []
+    del qp
+    s[t] = _undo_exact(e, fps, s, terms, buf, own=id(s[t]) not in foreign)
     if e.alpha_grad:  # d/d alpha reads the reconstructed state
         prev = fps[t].decode(s[t], dtype)
         _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
@@ -1802,33 +1814,33 @@ def _reverse_exact(plan: Plan, args, dtype) -> State:
     plan.check_unmodified()
     fps = plan.exact
     q, buf = plan.exact_record()  # the decoded floats may hold fewer bits than the fixed point
+    foreign = {id(q[0]), id(q[1])}  # the record itself: read, never written
     with torch.no_grad(), _replay_autocast(plan.autocast), _installed(plan, {}):
         for i in range(len(plan) - 1, -1, -1):
             if plan.step(i).swap:
                 q = [q[1], q[0]]
-            q = _invert_exact_step(plan, i, q, buf, args, dtype)
+            q = _invert_exact_step(plan, i, q, buf, args, dtype, foreign)
     _verify_reconstruction(plan, q, dtype, plan.exact_record)
     return fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)
 
 
-def _invert_exact_step(plan: Plan, i: int, q: list, buf: InformationBuffer, args, dtype) -> list:
+def _invert_exact_step(plan: Plan, i: int, q: list, buf: InformationBuffer, args, dtype,
+                       foreign: set | None = None) -> list:
     """Undo the couplings of step ``i`` (its swap already undone) on the fixed-point pair
-    ``q``, popping ``buf``, with the forward's random numbers and buffers (no grad)."""
+    ``q``, popping ``buf``, with the forward's random numbers and buffers (no grad).
+    ``foreign``: ids of states never to write (the recorded output); ``None``: write none."""
     fps = plan.exact
     with _replay_rng(plan.rng[i], plan.devices), \
             _replay_buffers(plan.snapshots[i], plan.reads[id(plan.step(i))], True):
         for c in reversed(plan.couplings_of(i)):
             e = _compile_exact(c, fps, plan.compiled)
-            t, o = e.t, e.o
-            new = q[t]
-            if e.shift:
-                new = torch.sub(new, q[o], alpha=e.shift)
-            elif e.shift_rounded:
-                new = torch.sub(new, fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
+            terms = []
             if c.phi is not None:
-                p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
-                new = new - fps[t].quantize(p)
-            q[t] = buf.unscale(new, *e.mult) if e.mult is not None else new
+                p = scaled_phi(c, fps[e.o].decode(q[e.o], dtype), args)
+                terms.append(fps[e.t].quantize(p, overwrite=_scaled(c)))
+                del p
+            own = foreign is not None and id(q[e.t]) not in foreign
+            q[e.t] = _undo_exact(e, fps, q, terms, buf, own)
     return q
 
 
