@@ -394,11 +394,12 @@ class FixedPoint:
         self.checked_bound(q, what)
         return q
 
-    def checked_bound(self, q: torch.Tensor, what: str = "a state") -> int:
-        """``max |q|`` (an int), after the check of :meth:`check` (the same one reduction)."""
+    def checked_bound(self, q: torch.Tensor, what: str = "a state", bounds=None) -> int:
+        """``max |q|`` (an int), after the check of :meth:`check` (the same one reduction).
+        ``bounds``: ``torch.aminmax(q)``, where it was computed already."""
         if q.numel() == 0:
             return 0
-        low, high = torch.aminmax(q)
+        low, high = torch.aminmax(q) if bounds is None else bounds
         if q.dtype == torch.int64:
             low, high = int(low), int(high)
         else:
@@ -517,15 +518,24 @@ class InformationBuffer:
     def push(self, k: torch.Tensor, b: torch.Tensor | int, max_base: int) -> None:
         """Push digits ``k`` (``0 <= k < b <= max_base``; float64, the state's shape) in
         bases ``b`` (an int, or float64 of the state's shape)."""
-        if not self._owned:  # a cursor pushing: its words become its own first
-            self.word, self._owned = self.word.to(torch.float64, copy=True), True
-        if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
-            self._spill(max_base)
+        self.prepare_push(max_base)
         # in place: the open words belong to this buffer alone (readers hold clones)
         if isinstance(b, int):
             torch.add(k, self.word, alpha=b, out=self.word)
         else:
             torch.addcmul(k, self.word, b, out=self.word)
+        self.pushed(max_base)
+
+    def prepare_push(self, max_base: int) -> None:
+        """Before ``word <- word b + k`` (``b <= max_base``) is computed in place in
+        ``self.word``: the words are this buffer's own float64 ones and none can overflow."""
+        if not self._owned or self.word.dtype != torch.float64:  # a cursor's words: its own now
+            self.word, self._owned = self.word.to(torch.float64, copy=True), True
+        if self._bound * max_base >= _WORD_LIMIT:  # some word might overflow: look
+            self._spill(max_base)
+
+    def pushed(self, max_base: int) -> None:
+        """After a push computed in place (see :meth:`prepare_push`)."""
         self.pushes += 1
         self._bound = self._bound * max_base + max_base - 1
 
@@ -551,14 +561,33 @@ class InformationBuffer:
             k = word.addcmul_(quotient, b, value=-1) if owned \
                 else torch.addcmul(word, quotient, b, value=-1)
         del word
-        self.pushes -= 1
-        if self.levels and self.levels[-1][0] == self.pushes:
-            _, idx, words = self.levels.pop()
-            quotient.view(-1).index_copy_(0, idx.to(torch.int64), words)
+        if self._restore(quotient):
             store = torch.float64  # restored full words
         self.word = quotient if store == torch.float64 else quotient.to(store)
         self._owned = True
         return k
+
+    def _restore(self, quotient: torch.Tensor) -> bool:
+        """Count a pop whose new words are ``quotient``; put back the full words that the push
+        it undoes moved to a level (then ``True``)."""
+        self.pushes -= 1
+        if self.levels and self.levels[-1][0] == self.pushes:
+            _, idx, words = self.levels.pop()
+            quotient.view(-1).index_copy_(0, idx.to(torch.int64), words)
+            return True
+        return False
+
+    def prepare_pop(self) -> None:
+        """Before ``word <- word div b`` is computed in place in ``self.word`` (then
+        :meth:`popped`): the words become this buffer's own float64 ones."""
+        if self.pushes == 0:
+            raise RuntimeError("pop from an empty InformationBuffer")
+        if not self._owned or self.word.dtype != torch.float64:
+            self.word, self._owned = self.word.to(torch.float64, copy=True), True
+
+    def popped(self) -> None:
+        """After a pop computed in place (see :meth:`prepare_pop`)."""
+        self._restore(self.word)
 
     def reader(self) -> InformationBuffer:
         """A cursor on the same digits: popping from it leaves this buffer intact (its first

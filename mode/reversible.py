@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import fused
 from .exact import (
     DEFAULT_FRAC_BITS,
     MAX_FRAC_BITS,
@@ -802,6 +803,17 @@ def _exact_couplings(plan: Plan, dtype):
             if e.shift_limit is not None:  # frac_bits far apart: a shift could wrap or round
                 _guard_shift(e, q, fps, known)
             new = q[t]
+            p = None
+            if fused.usable(new, e.mult, fps[t].storage) and not e.shift_rounded:
+                # one compiled loop for the scaling, the push, the shift and the quantized
+                # phi (mode.fused): the same bits as the eager arithmetic below
+                if c.phi is not None:
+                    p = scaled_phi(c, fps[o].decode(q[o], dtype), args).detach()
+                bounds = fused.scale_push_add(new, buf, e.mult, p, q[o] if e.shift else None,
+                                              e.shift, fps[t].scale)
+                if bounds is not None:
+                    known[t] = (new, fps[t].checked_bound(new, bounds=bounds))
+                    continue
             if e.mult is not None:
                 new = buf.scale(new, *e.mult, overwrite=True, pool=pool)
             if e.shift:
@@ -809,7 +821,8 @@ def _exact_couplings(plan: Plan, dtype):
             elif e.shift_rounded:
                 new.add_(fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
             if c.phi is not None:
-                p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
+                if p is None:
+                    p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
                 into = None
                 if new.dtype == torch.float64 and p.dtype != torch.float64:
@@ -1363,16 +1376,26 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, True)
 
 
-def _undo_exact(e: _ExactCoupling, fps, q: list, qp: list, buf: InformationBuffer, own: bool):
+def _undo_exact(e: _ExactCoupling, fps, q: list, p: list, buf: InformationBuffer, own: bool,
+                overwrite: bool = False):
     """``q[t]`` before the coupling ``e``: its shift and the quantized ``p`` subtracted, then
     unscaled (popping ``buf``). The backward's and the inverse's one exact undo.
 
-    ``qp``: the quantized ``p`` in a list of one (or an empty list), emptied here, so that its
-    tensor is freed once subtracted. ``own``: ``q[t]`` is the caller's own and may be updated
-    in place (a handed-over or recorded state never is)."""
+    ``p``: the (scaled) residual in a list of one (or an empty list), emptied here, so that its
+    tensor is freed once subtracted; ``overwrite``: it may be quantized in its own storage.
+    ``own``: ``q[t]`` is the caller's own and may be updated in place (a handed-over or
+    recorded state never is)."""
     t, o = e.t, e.o
-    qp = qp.pop() if qp else None
+    p = p.pop().detach() if p else None
     x = q[t]
+    if fused.usable(x, e.mult, fps[t].storage) and not e.shift_rounded:
+        x = x if own else x.clone()  # mode.fused: one compiled loop, the same bits
+        if fused.subtract_unscale_pop(x, buf, e.mult, p, q[o] if e.shift else None, e.shift,
+                                      fps[t].scale):
+            return x
+        own = True
+    qp = fps[t].quantize(p, overwrite=overwrite) if p is not None else None
+    del p
     if e.shift:
         x = x.sub_(q[o], alpha=e.shift) if own else torch.sub(x, q[o], alpha=e.shift)
         own = True
@@ -1405,7 +1428,7 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
     fps = plan.exact
     e = _compile_exact(c, fps, plan.compiled)
     t, o = e.t, e.o
-    p = qp = None
+    p = None
     if c.phi is not None or e.alpha_grad:
         other = fps[o].decode(s[o], dtype).requires_grad_(True)
         if c.phi is not None:
@@ -1417,14 +1440,12 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
         if not e.alpha_grad:
             _vjp(c, alpha, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
             del other
-        # after the VJP p is dead (its graph freed): quantized in its own storage when scaled
-        qp = fps[t].quantize(p, overwrite=_scaled(c) and not e.alpha_grad) \
-            if p is not None else None
-        if not e.alpha_grad:
-            del p
-    terms = [qp] if qp is not None else []
-    del qp
-    s[t] = _undo_exact(e, fps, s, terms, buf, own=id(s[t]) not in foreign)
+    # after the VJP p is dead (its graph freed): quantized in its own storage when scaled
+    terms = [p] if p is not None else []
+    if not e.alpha_grad:
+        del p
+    s[t] = _undo_exact(e, fps, s, terms, buf, own=id(s[t]) not in foreign,
+                       overwrite=_scaled(c) and not e.alpha_grad)
     if e.alpha_grad:  # d/d alpha reads the reconstructed state
         prev = fps[t].decode(s[t], dtype)
         _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
@@ -1834,13 +1855,10 @@ def _invert_exact_step(plan: Plan, i: int, q: list, buf: InformationBuffer, args
             _replay_buffers(plan.snapshots[i], plan.reads[id(plan.step(i))], True):
         for c in reversed(plan.couplings_of(i)):
             e = _compile_exact(c, fps, plan.compiled)
-            terms = []
-            if c.phi is not None:
-                p = scaled_phi(c, fps[e.o].decode(q[e.o], dtype), args)
-                terms.append(fps[e.t].quantize(p, overwrite=_scaled(c)))
-                del p
+            terms = [scaled_phi(c, fps[e.o].decode(q[e.o], dtype), args)] \
+                if c.phi is not None else []
             own = foreign is not None and id(q[e.t]) not in foreign
-            q[e.t] = _undo_exact(e, fps, q, terms, buf, own)
+            q[e.t] = _undo_exact(e, fps, q, terms, buf, own, overwrite=_scaled(c))
     return q
 
 
