@@ -245,3 +245,24 @@ def test_unequal_frac_bits_within_range_round_trip():
         out = net(x, return_velocity=True)
         back = net.inverse(*out)
     assert torch.equal(FixedPoint(40).encode(back[0]), FixedPoint(40).encode(x))
+
+
+def test_cursor_on_compact_words_pops_then_pushes_and_round_trips():
+    """A cursor on compactly stored words (uint8) that pops and then pushes again writes into
+    float64 words of its own: the digits pushed last pop first, and the compact record it was
+    made from is unchanged."""
+    g = torch.Generator().manual_seed(3)
+    buf = InformationBuffer(torch.Size([50]))
+    digits = [torch.randint(0, 3, (50,), generator=g).double() for _ in range(3)]
+    for k in digits:
+        buf.push(k, 3, 3)
+    meta, tensors = buf.state(compact=True)
+    assert tensors[0].dtype == torch.uint8
+    record = [t.clone() for t in tensors]
+    cursor = InformationBuffer.cursor(meta, tensors)
+    assert torch.equal(cursor.pop(3), digits[2])
+    new = torch.randint(0, 5, (50,), generator=g).double()
+    cursor.push(new, 5, 5)
+    assert torch.equal(cursor.pop(5), new)
+    assert torch.equal(cursor.pop(3), digits[1]) and torch.equal(cursor.pop(3), digits[0])
+    assert all(torch.equal(a, b) for a, b in zip(tensors, record))
