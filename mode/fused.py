@@ -115,20 +115,18 @@ def _backward(q, word, p, other, sign, n, d, m, fast, shift, scale):
 
 
 def _kernel(fn, key: tuple):
-    """``fn`` with the constants of ``key`` bound, compiled; one code object per key, so that
-    the compile caches of different multipliers do not share one recompilation limit."""
+    """``fn`` compiled with the constants of ``key`` as its defaults, under a code object of its
+    own: dynamo keeps its compiled graphs (and counts recompilations) per code object, so that
+    the kernels of different multipliers never share one cache or its recompilation limit."""
     kernel = _kernels.get((fn, key))
     if kernel is None:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_kernels)}")
-        own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
         sign, n, d, shift, scale = key
         plan = _plan(n, d)  # the form and the division of the eager arithmetic
-        m, fast = (plan.m if plan.form == "m" else 0), plan.fast
-
-        def bound(q, word, p, other):
-            return own(q, word, p, other, sign, n, d, m, fast, shift, scale)
-
-        kernel = _kernels[(fn, key)] = torch.compile(bound, dynamic=True, fullgraph=True)
+        m = plan.m if plan.form == "m" else 0
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_kernels)}")
+        own = types.FunctionType(code, fn.__globals__, code.co_name,
+                                 (sign, n, d, m, plan.fast, shift, scale))
+        kernel = _kernels[(fn, key)] = torch.compile(own, dynamic=True, fullgraph=True)
     return kernel
 
 
