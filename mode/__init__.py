@@ -5,6 +5,7 @@ A model is a vector field, an integrator and a gradient strategy:
 - :mod:`mode.conventions` -- the one mapping between momentum ``gamma``, mass ``eps`` and step;
 - :mod:`mode.steps` -- invertible one-step maps written as additive couplings;
 - :mod:`mode.exact` -- fixed-point arithmetic with an information buffer (bit-exact reversal);
+- :mod:`mode.fused` -- one exact coupling as one compiled loop for large states (the same bits);
 - :mod:`mode.reversible` -- the depth-independent-memory backprop engine over a chain of steps;
 - :mod:`mode.check` -- ``check_reversible``: a user's own steps against autograd;
 - :mod:`mode.networks` -- ``nn.Module`` front ends (``MomentumResNet``, ``RevNet``, ...,

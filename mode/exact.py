@@ -579,11 +579,16 @@ class InformationBuffer:
 
     def prepare_pop(self) -> None:
         """Before ``word <- word div b`` is computed in place in ``self.word`` (then
-        :meth:`popped`): the words become this buffer's own float64 ones."""
+        :meth:`popped`): the words become this buffer's own, in their format (a compact one
+        holds every quotient, which is below its word), or in float64 where the pop restores
+        full words from a level."""
         if self.pushes == 0:
             raise RuntimeError("pop from an empty InformationBuffer")
-        if not self._owned or self.word.dtype != torch.float64:
-            self.word, self._owned = self.word.to(torch.float64, copy=True), True
+        restores = bool(self.levels) and self.levels[-1][0] == self.pushes - 1
+        if restores and self.word.dtype != torch.float64:
+            self.word, self._owned = self.word.to(torch.float64), True
+        elif not self._owned:
+            self.word, self._owned = self.word.clone(), True
 
     def popped(self) -> None:
         """After a pop computed in place (see :meth:`prepare_pop`)."""

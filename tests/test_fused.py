@@ -139,18 +139,23 @@ def test_network_fused_equals_eager(monkeypatch):
     y0, g0 = _step(_exact_net(48, 6), x)
     monkeypatch.setattr(fused, "ENABLED", True)
     monkeypatch.setattr(fused, "MIN_NUMEL", 1)
-    calls = []
+    calls, words = [], []
     run = fused._run
-    monkeypatch.setattr(fused, "_run", lambda *a: calls.append(a[0]) or run(*a))
+    monkeypatch.setattr(fused, "_run", lambda *a: calls.append(a[0]) or
+                        words.append(a[3].dtype) or run(*a))
     net = _exact_net(48, 6)
     y1, g1 = _step(net, x)
     assert calls.count(fused._forward) == 6 and calls.count(fused._backward) == 6
+    # the backward pops the compactly stored words in their own format (one byte per scalar)
+    assert words[6:] == [torch.uint8] * 6
     assert torch.equal(y0, y1)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
     with torch.no_grad():
-        x0, v0 = net.inverse(*net(x, return_velocity=True))
-    assert torch.equal(x0, x) and not v0.any()
-    assert calls.count(fused._backward) == 12  # the inverse ran fused too
+        out = net(x, return_velocity=True)
+        x0, v0 = net.inverse(*out)
+        x1, _ = net.inverse(*out)  # the first inversion popped a copy: the record is intact
+    assert torch.equal(x0, x) and not v0.any() and torch.equal(x1, x)
+    assert calls.count(fused._backward) == 18  # the inversions ran fused too
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
