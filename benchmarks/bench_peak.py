@@ -162,10 +162,7 @@ def measure(net: str, batch: int, repeats: int, breakdown: bool,
         print(f"  {net} b{batch} {name}: peak {entry['models'][name]['peak'] / MIB:.0f} MiB",
               flush=True)
     entry["bound"] = block_bound(base, x)
-    timed = {k: ms[k] for k in ("resnet", "float", "exact")}
-    times = M.interleaved_times({k: (lambda m=m: train_step(m, x, y)) for k, m in timed.items()},
-                                repeats=repeats, warmup=1)
-    for k, t in times.items():
+    for k, t in step_times(ms, x, y, repeats).items():
         entry["models"][k]["time_s"] = M.median(t["wall"])
         entry["models"][k]["time_all_s"] = t["wall"]
     ref = entry["models"]["resnet"]["peak"]
@@ -173,6 +170,53 @@ def measure(net: str, batch: int, repeats: int, breakdown: bool,
         e["peak_vs_resnet"] = e["peak"] / ref
     entry["bound"]["bound_vs_resnet"] = entry["bound"]["bound_bytes"] / ref
     return entry
+
+
+def step_times(ms: dict, x, y, repeats: int) -> dict:
+    """Interleaved training-step times of the ResNet and both conversions."""
+    timed = {k: ms[k] for k in ("resnet", "float", "exact")}
+    return M.interleaved_times({k: (lambda m=m: train_step(m, x, y)) for k, m in timed.items()},
+                               repeats=repeats, warmup=1)
+
+
+# glibc's malloc hands large freed blocks back to the OS (munmap, heap trimming) and adjusts
+# these thresholds as it goes, so the next tensor of that size page-faults on every page it
+# touches; with both fixed high it keeps them, as jemalloc or tcmalloc do. Timed both ways.
+KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+def kept_times(quick: bool, repeats: int, threads: int) -> dict:
+    """``{(network, batch): {model: (median, all)}}``: the step times again, in a process whose
+    allocator keeps freed memory (:data:`KEEP_MEMORY`); ``{}`` where that process failed."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--times-only", path,
+               "--repeats", str(repeats), "--threads", str(threads)]
+        if quick:
+            cmd.append("--quick")
+        done = subprocess.run(cmd, env={**os.environ, **KEEP_MEMORY})
+        if done.returncode != 0:
+            return {}
+        with open(path) as fh:
+            rows = json.load(fh)
+    return {(r["network"], r["batch"]): r["times"] for r in rows}
+
+
+def times_only(plan, repeats: int, path: str) -> None:
+    rows = []
+    for net, batch, _ in plan:
+        base = network(net).train()
+        x, y = data(batch)
+        t = step_times(models(base, False), x, y, repeats)
+        rows.append({"network": net, "batch": batch,
+                     "times": {k: [M.median(v["wall"]), v["wall"]] for k, v in t.items()}})
+        print(f"  {net} b{batch} (allocator keeps memory): "
+              + ", ".join(f"{k} {v[0]:.2f} s" for k, v in rows[-1]["times"].items()), flush=True)
+    with open(path, "w") as fh:
+        json.dump(rows, fh)
 
 
 TARGETS = {"resnet101": {"float": 0.45, "exact": 0.55}, "deep narrow": {"float": 0.10,
@@ -187,30 +231,37 @@ def markdown(results: dict) -> str:
         f"`python benchmarks/bench_peak.py` on {M.machine_line(info)}, "
         f"commit {results['commit']}. One training step (forward, cross-entropy, backward, "
         "parameter gradients included), every CPU allocation counted (torch.profiler), after a "
-        "warm-up step; time: median of interleaved steps without the profiler. "
+        "warm-up step; time: median of interleaved steps without the profiler, with glibc's "
+        "default malloc and again in a process whose malloc keeps freed memory "
+        f"(`{' '.join(f'{k}={v}' for k, v in KEEP_MEMORY.items())}`, as jemalloc or tcmalloc "
+        "would: no page faults on reused blocks). "
         "gamma = 0.9, `mode.convert(model, ['layer1', ..., 'layer4'])`.",
         "",
         "| network | batch | model | peak (MiB) | / ResNet | target | forward peak | held after "
-        "forward | backward peak | step time (s) | / float |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "forward | backward peak | step time (s) | / float | step time, memory kept (s) "
+        "| / float |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in results["runs"]:
         m = e["models"]
         for name, r in m.items():
             target = TARGETS[e["network"]].get(name)
-            t = r.get("time_s")
+            t, kept = r.get("time_s"), r.get("time_kept_s")
+            ref = m["float"].get("time_kept_s")
             lines.append(
                 f"| {e['network']} | {e['batch']} | {name} | {r['peak'] / MIB:.0f} | "
                 f"{r['peak_vs_resnet']:.3f} | {f'≤ {target:.2f}' if target else ''} | "
                 f"{r['forward_peak'] / MIB:.0f} | {r['held_after_forward'] / MIB:.0f} | "
                 f"{r['backward_peak'] / MIB:.0f} | {'' if t is None else f'{t:.2f}'} | "
-                f"{'' if t is None else format(t / m['float']['time_s'], '.2f')} |")
+                f"{'' if t is None else format(t / m['float']['time_s'], '.2f')} | "
+                f"{'' if kept is None else f'{kept:.2f}'} | "
+                f"{'' if kept is None or not ref else format(kept / ref, '.2f')} |")
         b = e["bound"]
         lines.append(
             f"| {e['network']} | {e['batch']} | bound: parameter gradients "
             f"({b['param_grad_bytes'] / MIB:.0f}) + one block's training step "
             f"({b['one_block_step_bytes'] / MIB:.0f}) | {b['bound_bytes'] / MIB:.0f} | "
-            f"{b['bound_vs_resnet']:.3f} | | | | | | |")
+            f"{b['bound_vs_resnet']:.3f} | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="markdown results (default: RESULTS_peak.md for a full CPU "
                     "run; none otherwise)")
     ap.add_argument("--json", help="raw results (default: results_peak.json likewise)")
+    ap.add_argument("--times-only", metavar="JSON", help=argparse.SUPPRESS)  # see kept_times
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -231,7 +283,15 @@ def main(argv=None) -> int:
     else:
         plan = [("resnet101", 32, True), ("resnet101", 64, False), ("deep narrow", 32, True),
                 ("deep narrow", 64, False)]
+    if args.times_only:
+        times_only(plan, args.repeats, args.times_only)
+        return 0
     runs = [measure(net, b, args.repeats, breakdown, device) for net, b, breakdown in plan]
+    if device.type == "cpu" and sys.platform.startswith("linux"):
+        kept = kept_times(args.quick, args.repeats, args.threads)
+        for e in runs:
+            for k, (t, ts) in kept.get((e["network"], e["batch"]), {}).items():
+                e["models"][k]["time_kept_s"], e["models"][k]["time_kept_all_s"] = t, ts
     results = {"machine": M.machine_info(), "commit": M.git_commit(os.path.dirname(HERE)),
                "runs": runs}
     text = markdown(results)
