@@ -38,7 +38,8 @@ import torch
 
 from .exact import _plan
 
-__all__ = ["ENABLED", "MIN_NUMEL", "usable", "scale_push_add", "subtract_unscale_pop"]
+__all__ = ["ENABLED", "MIN_NUMEL", "usable", "scale_push_add", "subtract_unscale_pop",
+           "checksum"]
 
 ENABLED = os.environ.get("MODE_FUSED", "1") != "0"
 MIN_NUMEL = 2**20
@@ -131,16 +132,22 @@ def _kernel(fn, key: tuple):
 
 
 def _run(fn, key, q, word, p, other):
+    return _attempt(lambda: _kernel(fn, key)(q, word, p, other))
+
+
+def _attempt(call):
+    """``(call(), True)``, or ``(None, False)`` after the first compilation error (warned
+    once; the eager arithmetic runs from then on)."""
     try:
         with torch.no_grad():
-            return _kernel(fn, key)(q, word, p, other), True
-    except Exception as error:  # compilation failed: the eager arithmetic from now on
+            return call(), True
+    except Exception as error:
         if _failed:
             raise
         _failed.append(error)
         warnings.warn(f"mode: the fused exact arithmetic could not be compiled ({error!r}); "
                       "exact mode runs it eagerly (slower, the same bits)", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=4)
         return None, False
 
 
@@ -170,3 +177,25 @@ def subtract_unscale_pop(q, buf, mult, p, other, shift: int, scale: float) -> bo
     if ok:
         buf.popped()
     return ok
+
+
+def _sums(x):
+    v = x.to(torch.int64)
+    return v.sum(), (v * v).sum()
+
+
+def checksum(x: torch.Tensor) -> tuple[int, int] | None:
+    """``(sum q, sum q^2)`` of the integers ``q`` of ``x``, wrapping modulo ``2^64`` (as
+    ``mode.reversible._checksum`` computes them, in any order: wrapping sums are associative),
+    in one read of ``x`` and no copy; ``None`` where ``x`` is too small or it cannot run."""
+    if not ENABLED or _failed or x.numel() < MIN_NUMEL or x.device.type not in ("cpu", "cuda"):
+        return None
+    out, ok = _run_sums(x)
+    return (int(out[0]), int(out[1])) if ok else None
+
+
+def _run_sums(x):
+    kernel = _kernels.get(_sums)
+    if kernel is None:
+        kernel = _kernels[_sums] = torch.compile(_sums, dynamic=True, fullgraph=True)
+    return _attempt(lambda: kernel(x))

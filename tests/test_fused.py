@@ -175,3 +175,23 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(fused, "ENABLED", False)
     y0, g0 = _step(_exact_net(8, 3), x)
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+@pytest.mark.parametrize("storage", [torch.float64, torch.int64])
+def test_compiled_checksum_equals_eager(storage, monkeypatch):
+    """The compiled checksum gives the eager wrapping int64 sums (the squares of states near
+    2^46 or 2^60 overflow int64: both wrap alike), and it detects a change of one unit."""
+    from mode.reversible import _checksum
+
+    monkeypatch.setattr(fused, "MIN_NUMEL", 1)
+    bits = 46 if storage == torch.float64 else 60
+    g = torch.Generator().manual_seed(4)
+    q = [torch.randint(-2**bits + 1, 2**bits, (6, 7, 9), generator=g).to(storage)
+         for _ in range(2)]
+    assert fused.checksum(q[0]) is not None  # the compiled path ran
+    fast = _checksum(q)
+    monkeypatch.setattr(fused, "ENABLED", False)
+    assert fast == _checksum(q)
+    monkeypatch.setattr(fused, "ENABLED", True)
+    q[1].view(-1)[17] += 1
+    assert _checksum(q) != fast
