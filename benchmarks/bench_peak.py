@@ -19,7 +19,9 @@ bytes and the peak of one training step of the largest-activation block alone (i
 and output gradient included) bound what any backprop that recomputes blocks can reach: their
 sum is printed as the "bound".
 
-Time: median wall time of ``--repeats`` interleaved training steps (no profiler), one thread.
+Time: median wall time of ``--repeats`` interleaved training steps (no profiler), one thread;
+on Linux again in a subprocess whose malloc keeps freed memory (:data:`KEEP_MEMORY`): glibc's
+default returns blocks of tens of MiB to the OS, and each new tensor of that size page-faults.
 
 Usage::
 
