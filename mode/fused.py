@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from .exact import _plan
+from .exact import _is_power_of_two, _plan
 
 __all__ = ["ENABLED", "MIN_NUMEL", "usable", "scale_push_add", "subtract_unscale_pop",
            "checksum"]
@@ -61,7 +61,7 @@ def usable(q: torch.Tensor, mult: tuple[int, int, int] | None, storage: torch.dt
 def _floor_div(t, k: int, fast: bool):
     """``floor(t / k)`` as :meth:`mode.exact._Plan._floor_div` computes it: by an exact
     reciprocal (a power of two), a rounded one plus ``1 / (2k)`` (``fast``), or a division."""
-    if k & (k - 1) == 0:
+    if _is_power_of_two(k):
         return torch.floor(t * (1.0 / k))
     if fast:
         return torch.floor(t * (1.0 / k) + 1.0 / (2 * k))
