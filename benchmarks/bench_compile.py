@@ -8,13 +8,16 @@ Two models, each in the three gradient modes of mode (autograd, reversible float
   ``BN(conv3x3(relu(BN(conv3x3(x)))))`` (16 channels, 16x16 images), batch 32, after a stem
   convolution and before pooling and a linear head.
 
-Per (model, mode), three ways to run a forward+backward (loss: mean square of the output):
+Per (model, mode), three or four ways to run a forward+backward (loss: mean square of the output):
 
 - ``eager``: no compilation (the reference of every ratio);
 - ``functions``: ``mode.compile_functions(model)``: only the residual functions, compiled with
   inductor, inside the engine (forward, recomputation);
 - ``model``: ``torch.compile(model)`` (inductor); the engine is one opaque call in it, and the
-  residual functions inside run compiled (the engine's default under torch.compile).
+  residual functions inside run compiled (the engine's default under torch.compile);
+- ``traced`` (float mode only): ``mode.traceable(model)`` and
+  ``torch.compile(model, fullgraph=True)``: forward and reversible backward in one graph
+  (``mode.traced``).
 
 Reported: the median time of the interleaved rounds (after the compiling first call, which is
 reported apart as ``first call``), the ratio to ``eager``, and the gradients' relative error
@@ -49,7 +52,12 @@ import mode  # noqa: E402
 
 MODES = {"autograd": dict(reversible=False), "float": dict(reversible=True),
          "exact": dict(exact=True)}
-WAYS = ("eager", "functions", "model")
+WAYS = ("eager", "functions", "model", "traced")
+
+
+def ways(how: str) -> tuple[str, ...]:
+    """The ways of a gradient mode: ``traced`` is the float reversible engine's."""
+    return WAYS if how == "float" else WAYS[:3]
 
 
 def mlp_model(depth: int) -> tuple[nn.Module, torch.Tensor]:
@@ -106,13 +114,16 @@ def run(model_name: str, depth: int, repeats: int, device: torch.device) -> list
     for how in MODES:
         torch._dynamo.reset()
         candidates, firsts, grads = {}, {}, {}
-        for way in WAYS:
+        for way in ways(how):
             model = with_mode(base, how)  # compile_functions None: compiled under "model"
             if way == "functions":
                 mode.compile_functions(model)
             elif way == "model" and how == "exact":  # exact mode compiles them on request only
                 mode.compile_functions(model)
-            runner = torch.compile(model) if way == "model" else model
+            elif way == "traced":
+                mode.traceable(model)
+            runner = (torch.compile(model) if way == "model" else
+                      torch.compile(model, fullgraph=True) if way == "traced" else model)
             step = step_fn(runner, x, device)
             t0 = time.perf_counter()
             try:
@@ -124,7 +135,7 @@ def run(model_name: str, depth: int, repeats: int, device: torch.device) -> list
             candidates[way] = step
         times = M.interleaved_times(candidates, repeats=repeats, warmup=1)
         ref = M.median(times["eager"]["wall"])
-        for way in WAYS:
+        for way in ways(how):
             t = times.get(way)
             row = {"model": model_name, "depth": depth, "mode": how, "way": way,
                    "first_call_s": firsts[way]}

@@ -7,6 +7,7 @@ A model is a vector field, an integrator and a gradient strategy:
 - :mod:`mode.exact` -- fixed-point arithmetic with an information buffer (bit-exact reversal);
 - :mod:`mode.fused` -- one exact coupling as one compiled loop for large states (the same bits);
 - :mod:`mode.reversible` -- the depth-independent-memory backprop engine over a chain of steps;
+- :mod:`mode.traced` -- its float backward as part of a ``torch.compile`` graph (``fullgraph``);
 - :mod:`mode.check` -- ``check_reversible``: a user's own steps against autograd;
 - :mod:`mode.networks` -- ``nn.Module`` front ends (``MomentumResNet``, ``RevNet``, ...,
   ``NeuralODE``);
@@ -29,6 +30,7 @@ from .networks import (
     ReversibleNet,
     RevNet,
     compile_functions,
+    traceable,
 )
 from .solve import odeint
 from .steps import Coupling, MomentumStep, ReversibleStep
@@ -62,4 +64,5 @@ __all__ = [
     "odeint",
     "convert",
     "compile_functions",
+    "traceable",
 ]

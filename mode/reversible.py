@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import fused
+from . import fused, traced
 from .exact import (
     DEFAULT_FRAC_BITS,
     MAX_FRAC_BITS,
@@ -1656,6 +1656,7 @@ def integrate(
     exact: bool = False,
     frac_bits: int | tuple[int, int] | None = None,
     compile: bool | dict | None = None,
+    traceable: bool = False,
 ) -> State:
     """Run ``steps`` on ``state = (s0, s1)``; return the final pair.
 
@@ -1688,18 +1689,38 @@ def integrate(
         torch.compile's default options; exact mode compiles them only on request, since a
         compiled forward and recomputation may round differently. Not for a StepGrid (its
         couplings are made per call). The engine itself is not traced: ``torch.compile``
-        breaks the graph at it (with ``fullgraph=True``: an error naming the reason).
+        breaks the graph at it (with ``fullgraph=True``: an error naming the reason), unless
+        ``traceable``.
+    traceable : bool
+        Under ``torch.compile``, trace the float reversible forward and backward into the
+        compiled graph (:mod:`mode.traced`; ``fullgraph=True`` works) when the chain is
+        eligible (:func:`mode.traced.refusal`), else run the opaque engine. No effect outside
+        ``torch.compile``.
     """
     how = strategy(reversible, exact, frac_bits)
     steps = _check_steps(steps)
     s0, s1 = _check_state(state)
     args = tuple(args)
+    if not _is_compiling():
+        _prepare_opaque()
     if not how.reversible:  # plain autograd: an outer torch.compile traces it whole
         options = None if _is_compiling() else _compile_options(compile)
         return _apply_chain(steps, (s0, s1), args, options=options)[-1]
     run = _integrate_reversible
-    if _is_compiling():  # being traced: the engine is one opaque call
-        run = _OPAQUE.get("run") or _opaque()
+    if _is_compiling():  # being traced: the engine is one opaque call, or traced whole
+        if traceable:
+            couplings = _step_couplings(steps)
+            why = traced.refusal(steps, couplings, s0.dtype, how.exact,
+                                 lambda: _log_amplification(_runs(steps, couplings)),
+                                 AMPLIFICATION_WARN)
+            if why is None:
+                _refuse_sharded_functions(m for step in steps for m in step.modules())
+                return traced.integrate_traced(steps, s0, s1, args)
+            _refuse_tracing(f"mode.traceable: this chain runs through the opaque engine: {why}")
+        run = _OPAQUE.get("run")
+        if run is None:  # made here, in the trace: name the reason before dynamo's own break
+            _refuse_tracing(_OPAQUE_REASON)
+            run = _opaque()
         if compile is None:  # exact mode: on request only (see _verify_reconstruction)
             compile = not how.exact
     return run(how, steps, s0, s1, args, _compile_options(compile))
@@ -1721,14 +1742,32 @@ def _is_compiling() -> bool:
 
 
 def _opaque():
-    """:func:`_integrate_reversible` behind ``torch.compiler.disable``, made at the first
-    compiled call (making it at import would import dynamo with mode, seconds)."""
+    """:func:`_integrate_reversible` behind ``torch.compiler.disable``. Made once dynamo is
+    imported (at mode's import if it already was, by :func:`mode.traceable` and
+    :func:`mode.compile_functions`, at an eager call, else at the first traced call, which
+    then breaks the graph one more time); making it at import would import dynamo with
+    mode, 0.8 s."""
+    run = _OPAQUE.get("run")
+    if run is not None:
+        return run
     try:
         run = torch.compiler.disable(_integrate_reversible, reason=_OPAQUE_REASON)
     except TypeError:  # torch < 2.7: no reason
         run = torch.compiler.disable(_integrate_reversible)
     _OPAQUE["run"] = run
     return run
+
+
+def _prepare_opaque() -> None:
+    """Make :func:`_opaque`'s function now if dynamo is loaded (a dictionary lookup if made)."""
+    if "run" not in _OPAQUE and "torch._dynamo" in sys.modules:
+        _opaque()
+
+
+def _refuse_tracing(reason: str) -> None:
+    """Break the graph before the opaque engine, saying why: ``fullgraph=True`` raises with
+    ``reason``."""
+    sys.modules["torch._dynamo"].graph_break(f"{reason}")  # a constant for dynamo to print
 
 
 def _integrate_reversible(how, steps, s0, s1, args, options) -> State:
@@ -1892,3 +1931,6 @@ def trajectory(steps: Sequence[ReversibleStep], state: State, args: tuple = ()) 
     """All intermediate pairs ``[s_0, s_1, ..., s_N]`` (plain autograd, for plots)."""
     return _apply_chain(_check_steps(steps), _check_state(state), tuple(args), keep=True)
 
+
+
+_prepare_opaque()

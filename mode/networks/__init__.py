@@ -1,6 +1,6 @@
 """``nn.Module`` front ends: every network is a chain of reversible steps run by one engine."""
 
-from .base import ReversibleNet, compile_functions
+from .base import ReversibleNet, compile_functions, traceable
 from .coupled import HamiltonianNet, LeapfrogNet, MidpointNet, MRevNet, RevNet
 from .momentum import MomentumResNet
 from .ode import MomentumNeuralODE, NeuralODE
@@ -16,4 +16,5 @@ __all__ = [
     "NeuralODE",
     "MomentumNeuralODE",
     "compile_functions",
+    "traceable",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 from .. import reversible as engine
 from ..steps import ReversibleStep, State
 
-__all__ = ["ReversibleNet", "compile_functions"]
+__all__ = ["ReversibleNet", "compile_functions", "traceable"]
 
 Function = Callable[..., torch.Tensor]
 
@@ -106,6 +106,11 @@ class ReversibleNet(nn.Module):
     #: ``mode.compile_functions``.
     compile_functions: bool | dict | None = None
 
+    #: ``True``: under ``torch.compile`` the float reversible forward and backward are traced
+    #: into the compiled graph (``fullgraph=True`` works; ``mode.traced``) when the chain is
+    #: eligible; ``False`` (default): the engine is one opaque call. See ``mode.traceable``.
+    traceable: bool = False
+
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
         return engine.integrate(
             self.chain(),
@@ -115,6 +120,7 @@ class ReversibleNet(nn.Module):
             exact=self.exact,
             frac_bits=self.frac_bits,
             compile=self.compile_functions,
+            traceable=self.traceable,
         )
 
     def inverse(self, s0: torch.Tensor, s1: torch.Tensor, *args) -> State:
@@ -142,9 +148,31 @@ def compile_functions(model: nn.Module, enabled: bool = True, **options) -> int:
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     setting = (options or True) if enabled else False
     engine._compile_options(setting)  # validates
+    engine._prepare_opaque()
     count = 0
     for m in model.modules():
         if isinstance(m, ReversibleNet):
             m.compile_functions = setting
+            count += 1
+    return count
+
+
+def traceable(model: nn.Module, enabled: bool = True) -> int:
+    """Make ``torch.compile`` trace the reversible engine of every mode network inside
+    ``model``: an eligible float chain's forward and reversible backward become part of the
+    compiled graph (one graph, ``fullgraph=True`` works, inductor fuses across steps), with
+    memory still independent of depth (:mod:`mode.traced`). An ineligible chain (exact mode,
+    a learned gamma, Dropout in training mode, ...) keeps the opaque engine and breaks the
+    graph, with the reason under ``fullgraph=True``. Residual functions must be deterministic:
+    random numbers drawn in a function's own code are not replayed. No effect outside
+    ``torch.compile``; the model's modules and state_dict are unchanged. Returns the number of
+    networks set."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    engine._prepare_opaque()
+    count = 0
+    for m in model.modules():
+        if isinstance(m, ReversibleNet):
+            m.traceable = enabled
             count += 1
     return count

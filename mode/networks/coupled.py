@@ -423,6 +423,7 @@ class RevNet(_CoupledNet):
         if isinstance(split_dim, bool) or not isinstance(split_dim, int):
             raise TypeError(f"split_dim must be an int, got {split_dim!r}")
         self.split_dim = split_dim
+        self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     def _key(self) -> tuple:
         return (*map(id, self.F_functions), *map(id, self.G_functions))
@@ -543,6 +544,7 @@ class HamiltonianNet(_StepSizeNet):
                 f"F_functions and G_functions must have the same length, got "
                 f"{len(self.F_functions)} and {len(self.G_functions)}"
             )
+        self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     @classmethod
     def dense(cls, features: int, depth: int, h: float, *, hidden: int | None = None,
@@ -595,6 +597,7 @@ class _TwoStepNet(_StepSizeNet):
                  exact: bool = False, frac_bits: int | tuple[int, int] | None = None):
         super().__init__(h, reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.functions = _as_modules(functions, "functions")
+        self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     def _key(self) -> tuple:
         return (self.h, *map(id, self.functions))
@@ -734,6 +737,7 @@ class MRevNet(_CoupledNet):
         else:
             self.gamma = gamma
         self.init_velocity = init_velocity
+        self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     def _key(self) -> tuple:
         return (id(self.gamma), *map(id, self.functions))

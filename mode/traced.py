@@ -1,0 +1,239 @@
+"""The float reversible backward as part of a ``torch.compile`` graph (``fullgraph=True``).
+
+Under ``torch.compile`` the engine of :mod:`mode.reversible` is one opaque call: its backward
+is driven by Python (plans, RNG and buffer replay) and breaks the graph. For a network marked
+``traceable`` (:func:`mode.traceable`), an eligible float chain runs instead as
+:class:`_TracedChain`, an ``autograd.Function`` whose forward and backward dynamo traces whole:
+
+    forward   s_{n+1} = step_n(s_n)                   no autograd record; saved: s_N, the
+                                                      parameters, and each step's buffers as
+                                                      they were before it ran
+    backward  for n = N-1, ..., 0:
+                s_n = step_n^{-1}(s_{n+1})             float reversal, with the step's buffers
+                (ds_n, dθ_n) = vjp(step_n, s_n)(ds_{n+1})    torch.func.vjp
+
+with ``step_n`` evaluated on the saved parameters and copies of the saved buffers
+(``functional_call``), so the recomputation sees what the forward saw and leaves the modules'
+buffers (BatchNorm's running statistics) as the forward left them. Memory: one state pair and
+the buffers' copies, independent of depth; the compiled backward is one graph (inductor fuses
+across steps). The autocast state of the forward is replayed in the backward.
+
+Eligible (:func:`refusal` says why not): float mode; a list of steps (not a StepGrid); every
+residual function a module of its step or a method of one (no free closures, whose tensors the
+VJP would not see); float coefficients with ``eps(dtype) prod 1/|alpha|`` below
+:data:`mode.reversible.AMPLIFICATION_WARN` (a tensor ``alpha``, a learned gamma, would need
+its value); no module in training mode that draws random numbers (Dropout, RReLU: the graph
+cannot replay the RNG). An ineligible chain runs through the opaque engine, which is faithful
+in every case, and breaks the graph there; ``fullgraph=True`` then raises with the reason.
+
+The contract the graph cannot check: residual functions are deterministic functions of their
+input, arguments, parameters and buffers. A function that draws random numbers itself
+(``torch.rand`` in its ``forward``) would get other numbers in the recomputation; keep such a
+network out of ``traceable``, where the opaque engine replays RNG states.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .steps import Coupling, ReversibleStep, StepGrid, apply_step, invert_step
+
+__all__ = ["refusal", "integrate_traced"]
+
+try:  # what torch.func.functional_call uses; dynamo traces it (trace_rules), also inside vjp
+    from torch.nn.utils.stateless import _reparametrize_module
+except ImportError:  # pragma: no cover - older torch
+    _reparametrize_module = None
+
+def _draws(m: nn.Module) -> bool:
+    """Whether the module's forward draws random numbers (Dropout family with ``p > 0``,
+    RReLU, in training mode)."""
+    if not m.training:
+        return False
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    return isinstance(m, nn.RReLU) and m.lower != m.upper
+
+
+class _Step(NamedTuple):
+    """One step of the traced chain: its module, the names of its parameters with their index
+    in the chain's tensors, and the names of its buffers."""
+
+    module: ReversibleStep
+    params: tuple[tuple[str, int], ...]
+    buffers: tuple[str, ...]
+
+
+class _Program(NamedTuple):
+    """What the traced backward reads besides tensors: the steps, where the tensor arguments
+    sit among the arguments, and the forward's autocast state."""
+
+    steps: tuple[_Step, ...]
+    args: tuple  # the arguments, with tensors replaced by their index in the chain's tensors
+    n_params: int
+    autocast: tuple  # ((device_type, enabled, dtype), ...)
+
+
+def _modules(step: nn.Module) -> list[nn.Module]:
+    return list(step.modules())
+
+
+def _phi_owner(phi, modules: list[nn.Module]) -> bool:
+    if phi is None:
+        return True
+    if isinstance(phi, nn.Module):
+        return any(phi is m for m in modules)
+    if not isinstance(phi, types.MethodType):  # a bound method of one of the step's modules
+        return False
+    owner = phi.__self__  # (under dynamo, getattr(phi, "__self__", None) gives None)
+    return any(owner is m for m in modules)
+
+
+def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.dtype,
+            exact: bool, log_amplification, limit: float) -> str | None:
+    """Why this chain cannot run as a traced graph (``None``: it can). ``log_amplification()``
+    is the engine's ``-sum log|alpha|`` (called once every coefficient is known to be a float);
+    the chain is refused where ``eps(dtype)`` times its exponential exceeds ``limit``."""
+    if exact:
+        return ("exact mode's range checks and information buffer depend on tensor values, "
+                "which a traced graph cannot branch on")
+    if isinstance(steps, StepGrid) or couplings is None:
+        return "a StepGrid makes its couplings per call; trace a list of steps"
+    if _reparametrize_module is None:  # pragma: no cover - older torch
+        return "this torch has no torch.nn.utils.stateless._reparametrize_module"
+    for i, (step, cs) in enumerate(zip(steps, couplings)):
+        modules = _modules(step)
+        for c in cs:
+            if not _phi_owner(c.phi, modules):
+                return (f"step {i}: a residual function that is neither a module of its step nor "
+                        f"a method of one (a closure); its tensors would get no gradient")
+            for x in (c.alpha, c.scale):
+                if isinstance(x, torch.Tensor):
+                    return (f"step {i}: a tensor coefficient (a learned gamma): bounding float "
+                            f"reversal's error needs its value, which a traced graph cannot read")
+        for m in modules:
+            if _draws(m):
+                return (f"step {i}: {type(m).__name__} in training mode draws random numbers, "
+                        f"which a traced graph cannot replay in the recomputation")
+    amp = math.exp(min(log_amplification(), 700.0))
+    if torch.finfo(dtype).eps * amp > limit:
+        return (f"float reversal amplifies rounding by prod(1/|alpha|) = {amp:.3g} (the engine "
+                f"warns); use exact=True")
+    return None
+
+
+def _autocast_state(device_type: str) -> tuple:
+    kinds = [device_type] if device_type == "cpu" else [device_type, "cpu"]
+    return tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
+
+
+def _under(state: tuple, fn, *a):
+    """``fn(*a)`` under the forward's autocast state ``((kind, enabled, dtype), ...)``."""
+    if not state:
+        return fn(*a)
+    kind, enabled, dtype = state[0]
+    with torch.autocast(kind, dtype=dtype, enabled=enabled):
+        return _under(state[1:], fn, *a)
+
+
+def integrate_traced(steps: Sequence[ReversibleStep], s0: torch.Tensor, s1: torch.Tensor,
+                     args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an eligible float chain (:func:`refusal` is ``None``) as one traced autograd node."""
+    tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> int:
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+        return index[id(t)]
+
+    prog_steps = []
+    for step in steps:
+        params = tuple((name, add(p)) for name, p in step.named_parameters())
+        buffers = tuple(name for name, _ in step.named_buffers())
+        prog_steps.append(_Step(step, params, buffers))
+    n_params = len(tensors)
+    arg_slots = tuple(_Arg(add(a)) if isinstance(a, torch.Tensor) else a for a in args)
+    program = _Program(tuple(prog_steps), arg_slots, n_params, _autocast_state(s0.device.type))
+    return _TracedChain.apply(program, s0, s1, *tensors)
+
+
+class _Arg(NamedTuple):
+    """A tensor argument's place in the chain's tensors."""
+
+    index: int
+
+
+def _args(program: _Program, tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple(tensors[a.index] if isinstance(a, _Arg) else a for a in program.args)
+
+
+class _TracedChain(torch.autograd.Function):
+    """The chain's forward without recording and its reversible backward, both traceable."""
+
+    @staticmethod
+    def forward(ctx, program: _Program, s0, s1, *tensors):
+        args = _args(program, tensors)
+        snapshots = []
+        s = (s0, s1)
+        for st in program.steps:
+            snapshots.extend(b.clone() for _, b in st.module.named_buffers())
+            s = apply_step(st.module, s, args)
+        ctx.program = program
+        ctx.save_for_backward(*s, *tensors, *snapshots)
+        return s
+
+    @staticmethod
+    def backward(ctx, g0, g1):
+        program: _Program = ctx.program
+        saved = ctx.saved_tensors
+        n = len(saved) - 2 - sum(len(st.buffers) for st in program.steps)
+        s, tensors, snapshots = saved[:2], saved[2:2 + n], saved[2 + n:]
+        args = _args(program, tensors)
+        slots = [j for j, a in enumerate(program.args) if isinstance(a, _Arg)]
+        grads: list[torch.Tensor | None] = [None] * n
+        g = (g0, g1)
+        end = len(snapshots)
+        for st in reversed(program.steps):
+            buffers = snapshots[end - len(st.buffers):end]
+            end -= len(st.buffers)
+            params = [tensors[i] for _, i in st.params]
+            with torch.no_grad():
+                s = _call(program, st, params, buffers, invert_step, s, args)
+            g, new = _step_vjp(program, st, params, buffers, s, args, slots, g)
+            targets = [i for _, i in st.params] + [program.args[j].index for j in slots]
+            for i, d in zip(targets, new):
+                grads[i] = d if grads[i] is None else grads[i] + d
+        return (None, *g, *grads)
+
+
+def _step_vjp(program: _Program, st: _Step, params, buffers, s, args, slots, g):
+    """``(ds_n, (dθ_n, dargs_n))``: the VJP of one step at its reconstructed input ``s``, with
+    respect to the pair, the step's parameters and the tensor arguments (at ``slots``)."""
+    n = len(params)
+
+    def step(a, b, *primals):
+        own = list(args)
+        for j, x in zip(slots, primals[n:]):
+            own[j] = x
+        return _call(program, st, primals[:n], buffers, apply_step, (a, b), tuple(own))
+
+    _, pull = torch.func.vjp(step, s[0], s[1], *params, *(args[j] for j in slots))
+    out = pull(g)
+    return out[:2], out[2:]
+
+
+def _call(program: _Program, st: _Step, params, buffers, fn, s, args):
+    """``fn(step, s, args)`` with the step's parameters ``params``, copies of its ``buffers``
+    and the forward's autocast state."""
+    values = dict(zip((name for name, _ in st.params), params))
+    values.update((name, b.clone()) for name, b in zip(st.buffers, buffers))
+    with _reparametrize_module(st.module, values):
+        return _under(program.autocast, fn, st.module, s, args)

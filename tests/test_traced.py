@@ -1,0 +1,301 @@
+"""The reversible float backward traced into a torch.compile graph (``mode.traceable``).
+
+Ground truth is the same model with ``reversible=False`` (plain autograd), run eagerly. Graphs
+are counted with a backend that runs them as traced (``Counting``); one test compiles with
+inductor. Every test starts from empty dynamo caches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mode
+import mode.traced
+from mode.reversible import ReconstructionWarning
+
+dynamo = pytest.importorskip("torch._dynamo")
+
+D, BATCH, GAMMA = 8, 4, 0.9
+DT = torch.float64
+
+
+class Counting:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+class Conditioned(nn.Module):
+    """``f(x, c) = c * tanh(W x + b)``: a residual function with a tensor argument."""
+
+    def __init__(self, width: int = D):
+        super().__init__()
+        self.layer = nn.Linear(width, width)
+
+    def forward(self, x, c):
+        return c * torch.tanh(self.layer(x))
+
+
+def _mlp(norm: bool = False, dropout: float = 0.0) -> nn.Module:
+    layers = [nn.Linear(D, 2 * D)]
+    if norm:
+        layers.append(nn.BatchNorm1d(2 * D))
+    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(2 * D, D)]
+    return nn.Sequential(*layers)
+
+
+def _momentum(depth: int, reversible: bool, *, norm=False, dropout=0.0, tied=False, gamma=GAMMA,
+              exact=False, device="cpu") -> nn.Module:
+    torch.manual_seed(0)
+    fs = [_mlp(norm, dropout)] * depth if tied else [_mlp(norm, dropout) for _ in range(depth)]
+    net = mode.MomentumResNet(fs, gamma, reversible=reversible, exact=exact)
+    model = nn.Sequential(nn.Linear(D, D), net, nn.Linear(D, 1)).to(device, DT)
+    mode.traceable(model)
+    return model
+
+
+def _x(i: int = 0, device="cpu") -> torch.Tensor:
+    return torch.randn(BATCH, D, generator=torch.Generator().manual_seed(i), dtype=DT).to(device)
+
+
+def _grads(model, x) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _close(got, want, tol=1e-12) -> bool:
+    return all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(got, want))
+
+
+def test_fullgraph_reversible_backward_is_autograd_and_never_recompiles(device):
+    """One graph for forward and reversible backward (fullgraph=True), float64 gradients equal
+    autograd's to round-off at depth 24, and iterations 2 and 3 add no graph."""
+    ref, model = _momentum(24, False, device=device), _momentum(24, True, device=device)
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    for i in range(3):
+        x = _x(i, device)
+        assert _close(_grads(compiled, x), _grads(ref, x), 1e-10)
+    assert backend.graphs == 1
+
+
+def test_traced_forward_saves_one_state_whatever_the_depth():
+    """The compiled graph saves the output pair, not the activations: what it saves besides
+    the parameters does not grow with depth (autograd's does)."""
+    def saved(depth, reversible):
+        model = _momentum(depth, reversible)
+        compiled = torch.compile(model, backend=Counting(), fullgraph=reversible)
+        compiled(_x()).sum().backward()  # compile first
+        params = {p.data_ptr() for p in model.parameters()}
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if t.data_ptr() not in params:
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = compiled(_x())
+        out.sum().backward()
+        return total
+
+    assert saved(4, True) == saved(16, True) > 0
+    assert saved(16, False) > saved(4, False) > saved(4, True)
+
+
+def test_batchnorm_running_statistics_count_each_batch_once():
+    """BatchNorm in training mode inside f: gradients are autograd's and the running
+    statistics end as autograd leaves them (the recomputation runs on copies)."""
+    ref, model = _momentum(6, False, norm=True), _momentum(6, True, norm=True)
+    compiled = torch.compile(model, backend=Counting(), fullgraph=True)
+    for i in range(2):
+        x = _x(i)
+        assert _close(_grads(compiled, x), _grads(ref, x))
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_tied_functions_and_two_forwards_before_one_backward():
+    """One function at every step gets the sum of its steps' gradients; two forwards before
+    one backward keep separate saved states."""
+    ref, model = _momentum(5, False, tied=True), _momentum(5, True, tied=True)
+    compiled = torch.compile(model, backend=Counting(), fullgraph=True)
+    for m in (ref, compiled):
+        (m(_x(1)).pow(2).sum() + m(_x(2)).pow(3).sum()).backward()
+    assert _close([p.grad for p in model.parameters()], [p.grad for p in ref.parameters()])
+
+
+@pytest.mark.parametrize("arch", ["revnet", "hamiltonian", "midpoint", "leapfrog", "mrevnet"])
+def test_every_architecture_with_a_tensor_argument(arch):
+    """The other architectures (methods of the step as residual functions, alpha = -1 with a
+    shift, swaps) with a conditioning argument ``c`` that receives a gradient."""
+    def build(reversible):
+        torch.manual_seed(0)
+        fs = [Conditioned() for _ in range(4)]
+        gs = [Conditioned() for _ in range(4)]
+        opts = dict(reversible=reversible)
+        net = {"revnet": lambda: mode.RevNet(fs, gs, **opts),
+               "hamiltonian": lambda: mode.HamiltonianNet(fs, gs, 0.3, **opts),
+               "midpoint": lambda: mode.MidpointNet(fs, 0.3, **opts),
+               "leapfrog": lambda: mode.LeapfrogNet(fs, 0.3, **opts),
+               "mrevnet": lambda: mode.MRevNet(fs, 0.7, **opts)}[arch]().to(DT)
+        mode.traceable(net)
+        return net
+
+    def run(net, x, c):
+        if arch == "revnet":
+            return net(torch.cat([x, x.flip(0)], dim=1), c)
+        if arch == "hamiltonian":
+            return torch.cat(net(x, c, z0=x.flip(0), return_pair=True))
+        if arch in ("midpoint", "leapfrog"):
+            return torch.cat(net(x, c, y_prev=x.flip(0), return_pair=True))
+        return torch.cat(net(x, c, v0=x.flip(0), return_velocity=True))
+
+    grads = []
+    for reversible in (False, True):
+        net = build(reversible)
+        backend = Counting()
+        if reversible:
+            net = torch.compile(net, backend=backend, fullgraph=True)
+        x = _x().requires_grad_(True)
+        c = torch.full((BATCH, D), 0.7, dtype=DT, requires_grad=True)
+        out = run(net, x, c)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), [x, c, *net.parameters()]))
+        if reversible:
+            assert backend.graphs == 1
+    assert _close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("exact", "exact mode"),
+    ("dropout", "Dropout in training mode"),
+    ("amplified", "amplifies rounding"),
+])
+def test_what_cannot_be_traced_is_named_and_still_exact_without_fullgraph(case, match):
+    """Exact mode, Dropout in training and a chain whose float reversal the engine warns about
+    keep the opaque engine: fullgraph=True raises with the reason; without it the gradients are
+    those of the same compiled model with reversible=False (dropout: the same random numbers,
+    with the residual functions run eagerly inside the engine as they are inside autograd's
+    graph; compiled apart they draw in another order), and the amplified chain gets the
+    engine's warning."""
+    opts = {"exact": dict(exact=True), "dropout": dict(dropout=0.5),
+            "amplified": dict(gamma=0.5)}[case]
+    depth = 48 if case == "amplified" else 4  # 2^48 eps(float64) = 0.06 > AMPLIFICATION_WARN
+    model = _momentum(depth, True, **opts)
+    with pytest.raises(Exception, match=match):
+        torch.compile(model, backend=Counting(), fullgraph=True)(_x())
+    dynamo.reset()
+    ref = _momentum(depth, False, **{k: v for k, v in opts.items() if k != "exact"})
+    model = _momentum(depth, True, **opts)
+    if case == "dropout":
+        mode.compile_functions(model, False)
+    if case == "amplified":
+        mode.compile_functions(model, False)
+        with pytest.warns(ReconstructionWarning, match="exact=True"):
+            _grads(torch.compile(model, backend=Counting()), _x())
+        return
+    got, want = [], []
+    for m, out in ((model, got), (ref, want)):
+        torch.manual_seed(5)
+        out.extend(_grads(torch.compile(m, backend=Counting()), _x()))
+    assert _close(got, want, 1e-9 if case == "exact" else 1e-12)
+
+
+def test_eval_mode_dropout_is_traced():
+    """Dropout draws nothing in eval mode: the chain is traced (one graph)."""
+    ref, model = _momentum(4, False, dropout=0.5).eval(), _momentum(4, True, dropout=0.5).eval()
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert _close(_grads(compiled, _x()), _grads(ref, _x()))
+    assert backend.graphs == 1
+
+
+def test_autocast_is_replayed_in_the_traced_backward():
+    """Under bf16 autocast the traced backward recomputes f under the same autocast: its
+    gradients are the eager reversible engine's (which replays autocast) and within float
+    reversal's accuracy of autograd's under the same autocast (depth 50); without the replay
+    they are not (the check can fail: the replay is switched off and the error measured, at
+    depth 8)."""
+    torch.manual_seed(2)
+    fs = [nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)) for _ in range(50)]
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+
+    def grads(net):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = net(xx)
+        return torch.autograd.grad(out.float().pow(2).sum(), [xx, *net.parameters()])
+
+    def error(got, want):
+        return max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))
+
+    want = grads(mode.MomentumResNet(fs, GAMMA, reversible=False))
+    eager = grads(mode.MomentumResNet(fs, GAMMA))
+    net = mode.MomentumResNet(fs, GAMMA)
+    mode.traceable(net)
+    traced = grads(torch.compile(net, backend=Counting(), fullgraph=True))
+    assert all(torch.equal(a, b) for a, b in zip(traced, eager))
+    assert error(traced, want) < 2e-2
+    dynamo.reset()
+    fs = fs[:8]
+    want = grads(mode.MomentumResNet(fs, GAMMA, reversible=False))
+    net = mode.MomentumResNet(fs, GAMMA)
+    mode.traceable(net)
+    traced = grads(torch.compile(net, backend=Counting(), fullgraph=True))
+    dynamo.reset()
+    replay = mode.traced._under
+    try:
+        mode.traced._under = lambda state, fn, *a: fn(*a)
+        unreplayed = grads(torch.compile(net, backend=Counting(), fullgraph=True))
+    finally:
+        mode.traced._under = replay
+    assert error(unreplayed, want) > 10 * error(traced, want)
+
+
+def test_no_grad_and_outside_compile():
+    """Under no_grad the traced chain is the forward alone; outside torch.compile traceable
+    changes nothing (the eager engine runs)."""
+    ref, model = _momentum(4, False), _momentum(4, True)
+    compiled = torch.compile(model, backend=Counting(), fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(_x()), ref(_x()), rtol=1e-13, atol=1e-13)
+    assert _close(_grads(model, _x()), _grads(ref, _x()))
+
+
+def test_traceable_validates_and_counts():
+    model = _momentum(3, True)
+    assert mode.traceable(model, False) == 1 and not model[1].traceable
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        mode.traceable(model, "yes")
+
+
+@pytest.mark.slow
+def test_inductor_traced_backward_matches_autograd():
+    """Inductor's C++ kernels for the whole forward and reversible backward (float32): the
+    gradients equal autograd's to float32 round-off, one graph."""
+    torch.manual_seed(0)
+    fs = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(4)]
+    ref = nn.Sequential(mode.MomentumResNet(fs, GAMMA, reversible=False), nn.Linear(D, 1))
+    torch.manual_seed(0)
+    fs = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(4)]
+    model = nn.Sequential(mode.MomentumResNet(fs, GAMMA), nn.Linear(D, 1))
+    mode.traceable(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = _x().float()
+    assert _close(_grads(compiled, x), _grads(ref, x), 1e-5)
