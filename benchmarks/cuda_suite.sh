@@ -4,7 +4,8 @@
 #   1. the device-parametrized tests (tests/test_autocast.py: autocast bf16/fp16, GradScaler,
 #      pure half models, dropout RNG replay, the non-determinism report; the conftest `device`
 #      fixture adds a cuda case to each wherever torch.cuda.is_available()), then
-#      tests/test_compile.py and tests/test_distributed.py (CPU processes, as in CI, and its
+#      tests/test_compile.py, tests/test_traced.py (the reversible backward in one compiled
+#      graph, with a cuda case) and tests/test_distributed.py (CPU processes, as in CI, and its
 #      SyncBatchNorm-on-CUDA cases: 2 processes sharing the GPU over gloo), and
 #      tests/test_training_distributed.py (torchrun's training, 2 gloo CPU processes);
 #   2. the rest of the test suite (CPU tests; pytest-xdist spreads them when installed);
@@ -64,7 +65,7 @@ if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 # 1. device tests: -v lists every test id, so the log shows the [cuda-...] cases ran
 stage "device tests" tests_device.log \
     "$PY" -m pytest -v -p no:cacheprovider -rfE \
-    tests/test_autocast.py tests/test_compile.py tests/test_distributed.py \
+    tests/test_autocast.py tests/test_compile.py tests/test_traced.py tests/test_distributed.py \
     tests/test_training_distributed.py
 if ! grep -q "\[cuda" "$DIR/tests_device.log"; then
     echo "no cuda test case ran: the device fixture did not see the GPU"
@@ -74,7 +75,7 @@ fi
 # 2. the rest of the suite
 stage "test suite" tests_rest.log \
     "$PY" -m pytest -q -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"} tests \
-    --ignore=tests/test_autocast.py --ignore=tests/test_compile.py \
+    --ignore=tests/test_autocast.py --ignore=tests/test_compile.py --ignore=tests/test_traced.py \
     --ignore=tests/test_distributed.py --ignore=tests/test_training_distributed.py
 
 # 3. benchmarks on CUDA (results written under DIR, never over the repository's CPU results)

@@ -7,6 +7,8 @@ inductor. Every test starts from empty dynamo caches.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -276,6 +278,18 @@ def test_no_grad_and_outside_compile():
     with torch.no_grad():
         assert torch.allclose(compiled(_x()), ref(_x()), rtol=1e-13, atol=1e-13)
     assert _close(_grads(model, _x()), _grads(ref, _x()))
+
+
+def test_a_deep_copy_keeps_its_steps_and_traces():
+    """``copy.deepcopy`` maps the steps' references to the copied functions: the copy does not
+    rebuild its steps at its first call (inside the trace, where dynamo refuses new modules)."""
+    ref, model = _momentum(4, False), copy.deepcopy(_momentum(4, True))
+    net = model[1]
+    assert all(s.function is f for s, f in zip(net._steps, net.functions))
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert _close(_grads(compiled, _x()), _grads(ref, _x()))
+    assert backend.graphs == 1
 
 
 def test_traceable_validates_and_counts():

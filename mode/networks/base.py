@@ -52,6 +52,14 @@ class _Wrap(nn.Module):
 
 
 
+def _same_objects(a: tuple, b: tuple) -> bool:
+    """Whether two tuples hold the same objects, element by element (identity). The networks
+    key their steps by the objects the steps are views over, not by ``id``: ``copy.deepcopy``
+    maps a network's functions and its steps' references to them alike, so a copy keeps its
+    steps (rebuilding them at its first call would happen inside a torch.compile trace)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 def _check_flags(reversible: bool, exact: bool, frac_bits=None) -> engine.Strategy:
     """The networks' gradient flags, validated by the engine's one function."""
     return engine.strategy(reversible, exact, frac_bits)

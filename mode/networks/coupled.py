@@ -57,7 +57,7 @@ from torch import nn
 from .. import reversible as engine
 from ..conventions import _gamma_for_repr, _scalar_text, check_gamma, check_real
 from ..steps import Coupling, ReversibleStep
-from .base import Function, ReversibleNet, _as_modules, _check_flags
+from .base import Function, ReversibleNet, _as_modules, _check_flags, _same_objects
 
 __all__ = [
     "ActivatedLayer",
@@ -359,6 +359,7 @@ class _CoupledNet(ReversibleNet):
         self._steps_key: tuple = ()
 
     def _key(self) -> tuple:  # pragma: no cover - abstract
+        """The objects the steps are views over (compared by identity, see chain())."""
         raise NotImplementedError
 
     def _build(self) -> list[ReversibleStep]:  # pragma: no cover - abstract
@@ -366,7 +367,7 @@ class _CoupledNet(ReversibleNet):
 
     def chain(self) -> list[ReversibleStep]:
         key = self._key()
-        if key != self._steps_key:
+        if not _same_objects(key, self._steps_key):
             self._steps = self._build()
             self._steps_key = key
         return self._steps
@@ -426,7 +427,7 @@ class RevNet(_CoupledNet):
         self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     def _key(self) -> tuple:
-        return (*map(id, self.F_functions), *map(id, self.G_functions))
+        return (*self.F_functions, *self.G_functions)
 
     def _build(self) -> list[ReversibleStep]:
         return [RevNetStep(f, g) for f, g in zip(self.F_functions, self.G_functions)]
@@ -567,7 +568,7 @@ class HamiltonianNet(_StepSizeNet):
         return cls([make() for _ in range(depth)], [make() for _ in range(depth)], h, **options)
 
     def _key(self) -> tuple:
-        return (self.h, *map(id, self.F_functions), *map(id, self.G_functions))
+        return (self.h, *self.F_functions, *self.G_functions)
 
     def _build(self) -> list[ReversibleStep]:
         return [HamiltonianStep(f, g, self.h) for f, g in zip(self.F_functions, self.G_functions)]
@@ -600,7 +601,7 @@ class _TwoStepNet(_StepSizeNet):
         self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     def _key(self) -> tuple:
-        return (self.h, *map(id, self.functions))
+        return (self.h, *self.functions)
 
     def _build(self) -> list[ReversibleStep]:
         return [self._step(f, self.h) for f in self.functions]
@@ -740,7 +741,7 @@ class MRevNet(_CoupledNet):
         self.chain()  # built now, not inside the first call (a torch.compile trace)
 
     def _key(self) -> tuple:
-        return (id(self.gamma), *map(id, self.functions))
+        return (self.gamma, *self.functions)
 
     def _build(self) -> list[ReversibleStep]:
         return [MRevStep(f, self.gamma) for f in self.functions]

@@ -17,7 +17,7 @@ from torch import nn
 from .. import reversible as engine
 from ..conventions import _gamma_for_repr, _scalar_text, check_gamma, gamma_to_eps
 from ..steps import MomentumStep
-from .base import ReversibleNet, _as_modules, _check_flags
+from .base import ReversibleNet, _as_modules, _check_flags, _same_objects
 
 __all__ = ["MomentumResNet"]
 
@@ -98,8 +98,8 @@ class MomentumResNet(ReversibleNet):
         self.chain()
 
     def chain(self) -> list[MomentumStep]:
-        key = (id(self.gamma), *map(id, self.functions))
-        if key != self._steps_key:
+        key = (self.gamma, *self.functions)
+        if not _same_objects(key, self._steps_key):
             # The steps are views over the registered functions and gamma, not submodules:
             # the parameters and state_dict keys stay those of ``functions``.
             self._steps = [MomentumStep(f, self.gamma) for f in self.functions]
