@@ -668,14 +668,7 @@ class Plan:
     def _index_tensors(self, steps, couplings, args) -> None:
         """The tensors that receive gradients (tensor args, parameters and tensor alphas of
         the steps), without duplicates, and per step the indices of those it uses."""
-        tensors: list[torch.Tensor] = []
-        index: dict[int, int] = {}
-
-        def add(t: torch.Tensor) -> int:
-            if id(t) not in index:
-                index[id(t)] = len(tensors)
-                tensors.append(t)
-            return index[id(t)]
+        tensors, add = traced.distinct_tensors()
 
         arg_idx = [add(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         per_step, shared = [], {}

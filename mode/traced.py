@@ -30,6 +30,12 @@ The contract the graph cannot check: residual functions are deterministic functi
 input, arguments, parameters and buffers. A function that draws random numbers itself
 (``torch.rand`` in its ``forward``) would get other numbers in the recomputation; keep such a
 network out of ``traceable``, where the opaque engine replays RNG states.
+
+Dynamo shares compiled frames among every ``torch.compile`` of the same code: in a process that
+compiled the same model structure without ``traceable``, a traceable copy may reuse those
+frames and run the engine eagerly (correct, not one graph); compile it first or after
+``torch._dynamo.reset()``. The residual functions are part of the traced graph, so
+``compile_functions`` options do not apply to a traced chain.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from torch import nn
 
 from .steps import Coupling, ReversibleStep, StepGrid, apply_step, invert_step
 
-__all__ = ["refusal", "integrate_traced"]
+__all__ = ["refusal", "integrate_traced", "distinct_tensors"]
 
 try:  # what torch.func.functional_call uses; dynamo traces it (trace_rules), also inside vjp
     from torch.nn.utils.stateless import _reparametrize_module
@@ -78,6 +84,21 @@ class _Program(NamedTuple):
     args: tuple  # the arguments, with tensors replaced by their index in the chain's tensors
     n_params: int
     autocast: tuple  # ((device_type, enabled, dtype), ...)
+
+
+def distinct_tensors():
+    """``(tensors, add)``: ``add(t)`` appends ``t`` to the list ``tensors`` unless it is there
+    (by identity) and returns its index (a parameter shared by several steps is one tensor)."""
+    tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> int:
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+        return index[id(t)]
+
+    return tensors, add
 
 
 def _modules(step: nn.Module) -> list[nn.Module]:
@@ -145,14 +166,7 @@ def _under(state: tuple, fn, *a):
 def integrate_traced(steps: Sequence[ReversibleStep], s0: torch.Tensor, s1: torch.Tensor,
                      args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """Run an eligible float chain (:func:`refusal` is ``None``) as one traced autograd node."""
-    tensors: list[torch.Tensor] = []
-    index: dict[int, int] = {}
-
-    def add(t: torch.Tensor) -> int:
-        if id(t) not in index:
-            index[id(t)] = len(tensors)
-            tensors.append(t)
-        return index[id(t)]
+    tensors, add = distinct_tensors()
 
     prog_steps = []
     for step in steps:

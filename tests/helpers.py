@@ -7,6 +7,17 @@ from collections.abc import Callable
 import torch
 
 
+class Counting:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
 def saved_bytes(fn: Callable[[], object]) -> tuple[int, object]:
     """``(bytes, fn())``: the bytes of every tensor autograd saves for backward while ``fn``
     runs (its activations, custom Functions' ``save_for_backward`` included)."""

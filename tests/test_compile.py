@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import Counting
 from torch import nn
 
 import mode
@@ -25,17 +26,6 @@ dynamo = pytest.importorskip("torch._dynamo")
 #: first function (its input requires grad) and the later ones; exact mode's one (decoded
 #: inputs); the backward's recomputation one.
 FUNCTION_GRAPHS = {"float": 3, "exact": 2}
-
-
-class Counting:
-    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from helpers import Counting
 from torch import nn
 
 import mode
@@ -21,17 +22,6 @@ dynamo = pytest.importorskip("torch._dynamo")
 
 D, BATCH, GAMMA = 8, 4, 0.9
 DT = torch.float64
-
-
-class Counting:
-    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.fixture(autouse=True)

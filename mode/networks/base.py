@@ -156,13 +156,7 @@ def compile_functions(model: nn.Module, enabled: bool = True, **options) -> int:
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     setting = (options or True) if enabled else False
     engine._compile_options(setting)  # validates
-    engine._prepare_opaque()
-    count = 0
-    for m in model.modules():
-        if isinstance(m, ReversibleNet):
-            m.compile_functions = setting
-            count += 1
-    return count
+    return _set_on_networks(model, "compile_functions", setting)
 
 
 def traceable(model: nn.Module, enabled: bool = True) -> int:
@@ -177,10 +171,16 @@ def traceable(model: nn.Module, enabled: bool = True) -> int:
     networks set."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    return _set_on_networks(model, "traceable", enabled)
+
+
+def _set_on_networks(model: nn.Module, name: str, value) -> int:
+    """Set attribute ``name`` of every mode network inside ``model``; return how many. Also
+    makes the opaque engine's wrapper now (``torch.compile`` is coming)."""
     engine._prepare_opaque()
     count = 0
     for m in model.modules():
         if isinstance(m, ReversibleNet):
-            m.traceable = enabled
+            setattr(m, name, value)
             count += 1
     return count
