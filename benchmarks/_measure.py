@@ -232,6 +232,18 @@ def rel_error(grads: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> flo
     return float((g - r).norm() / r.norm())
 
 
+def write_results(path: str, title: str, script: str, argv, info: dict, how: str,
+                  body: str) -> None:
+    """A results file: title, the command that made it, the machine, the commit and ``how``
+    (device, rounds), then ``body`` (the table)."""
+    command = f"python benchmarks/{script} " + " ".join(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\nCommand: `{command.strip()}`\n\nMachine: {json.dumps(info)}"
+                f"\n\nCommit: {git_commit(root)}, {how}\n\n{body}\n")
+    print("wrote", path)
+
+
 def git_commit(root: str) -> str:
     """Short hash of the checked-out commit (``+dirty`` if tracked files changed), or ``?``."""
     try:

@@ -203,15 +203,10 @@ def main(argv=None) -> None:
     info = M.machine_info()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    command = "python benchmarks/bench_compile.py " + " ".join(argv or sys.argv[1:])
     if out:
-        with open(out, "w") as f:
-            f.write(f"# torch.compile and the reversible engine\n\nCommand: `{command.strip()}`"
-                    f"\n\nMachine: {json.dumps(info)}\n\nCommit: "
-                    f"{M.git_commit(os.path.dirname(HERE))}, device {device}, "
-                    f"{repeats} interleaved rounds after one warm-up, medians of wall-clock."
-                    f"\n\n{table(rows)}\n")
-        print("wrote", out)
+        M.write_results(out, "torch.compile and the reversible engine", "bench_compile.py",
+                        argv or sys.argv[1:], info, f"device {device}, {repeats} interleaved "
+                        f"rounds after one warm-up, medians of wall-clock.", table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "device": str(device), "rows": rows}, f, indent=1)

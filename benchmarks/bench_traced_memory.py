@@ -106,14 +106,9 @@ def main(argv=None) -> None:
     out = args.out or (os.path.join(HERE, "RESULTS_traced_memory.md")
                        if args.device == "cpu" else None)
     if out:
-        info = M.machine_info()
-        command = "python benchmarks/bench_traced_memory.py " + " ".join(argv or sys.argv[1:])
-        with open(out, "w") as f:
-            f.write(f"# Peak memory of the traced reversible backward\n\nCommand: "
-                    f"`{command.strip()}`\n\nMachine: {json.dumps(info)}\n\nCommit: "
-                    f"{M.git_commit(os.path.dirname(HERE))}, device {args.device}, one fresh "
-                    f"process per row, inductor.\n\n{table}\n")
-        print("wrote", out)
+        M.write_results(out, "Peak memory of the traced reversible backward",
+                        "bench_traced_memory.py", argv or sys.argv[1:], M.machine_info(),
+                        f"device {args.device}, one fresh process per row, inductor.", table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
