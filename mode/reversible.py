@@ -1694,13 +1694,14 @@ def integrate(
     steps = _check_steps(steps)
     s0, s1 = _check_state(state)
     args = tuple(args)
-    if not _is_compiling():
+    compiling = _is_compiling()
+    if not compiling:
         _prepare_opaque()
     if not how.reversible:  # plain autograd: an outer torch.compile traces it whole
-        options = None if _is_compiling() else _compile_options(compile)
+        options = None if compiling else _compile_options(compile)
         return _apply_chain(steps, (s0, s1), args, options=options)[-1]
     run = _integrate_reversible
-    if _is_compiling():  # being traced: the engine is one opaque call, or traced whole
+    if compiling:  # being traced: the engine is one opaque call, or traced whole
         if traceable:
             couplings = _step_couplings(steps)
             why = traced.refusal(steps, couplings, s0.dtype, how.exact,
@@ -1708,7 +1709,8 @@ def integrate(
                                  AMPLIFICATION_WARN)
             if why is None:
                 _refuse_sharded_functions(m for step in steps for m in step.modules())
-                return traced.integrate_traced(steps, s0, s1, args)
+                return traced.integrate_traced(steps, s0, s1, args,
+                                               _autocast_state(s0.device.type)[0])
             _refuse_tracing(f"mode.traceable: this chain runs through the opaque engine: {why}")
         run = _OPAQUE.get("run")
         if run is None:  # made here, in the trace: name the reason before dynamo's own break
@@ -1923,7 +1925,6 @@ def _apply_chain(steps, s: State, args: tuple, keep: bool = False,
 def trajectory(steps: Sequence[ReversibleStep], state: State, args: tuple = ()) -> list[State]:
     """All intermediate pairs ``[s_0, s_1, ..., s_N]`` (plain autograd, for plots)."""
     return _apply_chain(_check_steps(steps), _check_state(state), tuple(args), keep=True)
-
 
 
 _prepare_opaque()

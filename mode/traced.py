@@ -57,6 +57,7 @@ try:  # what torch.func.functional_call uses; dynamo traces it (trace_rules), al
 except ImportError:  # pragma: no cover - older torch
     _reparametrize_module = None
 
+
 def _draws(m: nn.Module) -> bool:
     """Whether the module's forward draws random numbers (Dropout family with ``p > 0``,
     RReLU, in training mode)."""
@@ -82,7 +83,6 @@ class _Program(NamedTuple):
 
     steps: tuple[_Step, ...]
     args: tuple  # the arguments, with tensors replaced by their index in the chain's tensors
-    n_params: int
     autocast: tuple  # ((device_type, enabled, dtype), ...)
 
 
@@ -99,10 +99,6 @@ def distinct_tensors():
         return index[id(t)]
 
     return tensors, add
-
-
-def _modules(step: nn.Module) -> list[nn.Module]:
-    return list(step.modules())
 
 
 def _phi_owner(phi, modules: list[nn.Module]) -> bool:
@@ -129,7 +125,7 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
     if _reparametrize_module is None:  # pragma: no cover - older torch
         return "this torch has no torch.nn.utils.stateless._reparametrize_module"
     for i, (step, cs) in enumerate(zip(steps, couplings)):
-        modules = _modules(step)
+        modules = list(step.modules())
         for c in cs:
             if not _phi_owner(c.phi, modules):
                 return (f"step {i}: a residual function that is neither a module of its step nor "
@@ -149,11 +145,6 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
     return None
 
 
-def _autocast_state(device_type: str) -> tuple:
-    kinds = [device_type] if device_type == "cpu" else [device_type, "cpu"]
-    return tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
-
-
 def _under(state: tuple, fn, *a):
     """``fn(*a)`` under the forward's autocast state ``((kind, enabled, dtype), ...)``."""
     if not state:
@@ -164,8 +155,10 @@ def _under(state: tuple, fn, *a):
 
 
 def integrate_traced(steps: Sequence[ReversibleStep], s0: torch.Tensor, s1: torch.Tensor,
-                     args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run an eligible float chain (:func:`refusal` is ``None``) as one traced autograd node."""
+                     args: tuple, autocast: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an eligible float chain (:func:`refusal` is ``None``) as one traced autograd node;
+    ``autocast``: the forward's ``((device_type, enabled, dtype), ...)``, replayed in the
+    backward."""
     tensors, add = distinct_tensors()
 
     prog_steps = []
@@ -173,9 +166,8 @@ def integrate_traced(steps: Sequence[ReversibleStep], s0: torch.Tensor, s1: torc
         params = tuple((name, add(p)) for name, p in step.named_parameters())
         buffers = tuple(name for name, _ in step.named_buffers())
         prog_steps.append(_Step(step, params, buffers))
-    n_params = len(tensors)
     arg_slots = tuple(_Arg(add(a)) if isinstance(a, torch.Tensor) else a for a in args)
-    program = _Program(tuple(prog_steps), arg_slots, n_params, _autocast_state(s0.device.type))
+    program = _Program(tuple(prog_steps), arg_slots, autocast)
     return _TracedChain.apply(program, s0, s1, *tensors)
 
 
