@@ -188,10 +188,6 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # every way compiles nn.Sequential.forward again (the model, its residual functions): past
-    # dynamo's default limit of 8 entries per code object a later way would silently run eager
-    torch._dynamo.config.cache_size_limit = 256
-    torch._dynamo.config.accumulated_cache_size_limit = 4096
     device = torch.device(args.device)
     models = args.models or (["mlp"] if args.quick else list(MODELS))
     repeats = args.repeats or (5 if args.quick else 11)
