@@ -98,6 +98,15 @@ CASES = {
     "ddp-float-traced-bn": ("ddp", "float", "bn", {"compiled": True, "traced": True}),
     "ddp-autograd-compiled": ("ddp", "autograd", None, {"compiled": True}),
     "ddp-float-compiled": ("ddp", "float", None, {"compiled": True}),
+    # the same under fully_shard; "net": the network its own unit, resharded after forward
+    # and gathered again before the traced backward reads its saved parameters
+    "fsdp-float-traced": ("fsdp", "float", None, {"compiled": True, "traced": True}),
+    "fsdp-net-float-traced-bn": ("fsdp", "float", "bn",
+                                 {"net": True, "compiled": True, "traced": True}),
+    "fsdp-autograd-compiled": ("fsdp", "autograd", None, {"compiled": True}),
+    "fsdp-net-autograd-compiled-bn": ("fsdp", "autograd", "bn", {"net": True, "compiled": True}),
+    "fsdp-float-compiled": ("fsdp", "float", None, {"compiled": True}),
+    "fsdp-net-exact-compiled-bn": ("fsdp", "exact", "bn", {"net": True, "compiled": True}),
 }
 
 
@@ -255,19 +264,26 @@ def test_gradients_equal_one_process(results, name):
             assert torch.equal(got[0][k], exact[k]), k
 
 
-@pytest.mark.parametrize("name", ["ddp-float-traced", "ddp-float-traced-bn"])
-def test_traced_backward_under_ddp_breaks_no_graph(results, name):
-    """torch.compile of the DDP model with mode.traceable: the graph breaks are DDP's own, as
-    many as with plain autograd; the opaque engine adds its own (the check can fail). The
-    gradients are checked with the other cases."""
+@pytest.mark.parametrize("name, peer", [
+    ("ddp-float-traced", "ddp-autograd-compiled"),
+    ("ddp-float-traced-bn", "ddp-autograd-compiled"),
+    ("fsdp-float-traced", "fsdp-autograd-compiled"),
+    ("fsdp-net-float-traced-bn", "fsdp-net-autograd-compiled-bn")])
+def test_traced_backward_under_ddp_and_fsdp_breaks_no_graph(results, name, peer):
+    """torch.compile of the DDP or FSDP model with mode.traceable: the graph breaks are the
+    wrapper's own (DDP's logging, FSDP's hooks), as many as with plain autograd; the opaque
+    engine adds its own (the check can fail). The gradients are checked with the other
+    cases."""
+    opaque = f"{name.split('-')[0]}-float-compiled"
     for rank in range(WORLD):
-        ddp = results[rank]["ddp-autograd-compiled"]["graph_breaks"]
-        assert results[rank][name]["graph_breaks"] == ddp
-        assert results[rank]["ddp-float-compiled"]["graph_breaks"] > ddp
+        own = results[rank][peer]["graph_breaks"]
+        assert results[rank][name]["graph_breaks"] == own
+        assert results[rank][opaque]["graph_breaks"] > own
 
 
 @pytest.mark.parametrize("name", ["ddp-float-bn", "ddp-exact-bn", "ddp-exact-nosync-bn",
-                                  "ddp-float-traced-bn"])
+                                  "ddp-float-traced-bn", "fsdp-net-float-traced-bn",
+                                  "fsdp-net-exact-compiled-bn"])
 def test_batchnorm_statistics_count_each_batch_once(results, name):
     """Rank 0's running statistics are those of its shards through one process's autograd
     model: the reversible recomputation does not update them a second time."""
