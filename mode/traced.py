@@ -8,11 +8,15 @@ is driven by Python (plans, RNG and buffer replay) and breaks the graph. For a n
     forward   s_{n+1} = step_n(s_n)                   no autograd record; saved: s_N, the
                                                       parameters, and each step's buffers as
                                                       they were before it ran
-    backward  for n = N-1, ..., 0:
-                s_n = step_n^{-1}(s_{n+1})             float reversal, with the step's buffers
-                (ds_n, dθ_n) = vjp(step_n, s_n)(ds_{n+1})    torch.func.vjp
+    backward  for n = N-1, ..., 0, and each coupling s[t] <- a s[t] + shift s[o] + p of
+              step n in reverse order, p = scale phi(s[o], *args) (s[o] is unchanged by it):
+                (p, pull) = vjp(phi, s[o], θ_n, args)            torch.func.vjp, phi once
+                s[t] <- (s[t] - shift s[o] - p) / a              float reversal
+                ds[o] <- ds[o] + shift ds[t] + pull(ds[t])_0,  ds[t] <- a ds[t]
+                dθ_n, dargs += pull(ds[t])_1..
+              (a step that swaps its pair at the end swaps s and ds back first)
 
-with ``step_n`` evaluated on the saved parameters and copies of the saved buffers
+with ``phi`` evaluated on the step's saved parameters and copies of the saved buffers
 (``functional_call``), so the recomputation sees what the forward saw and leaves the modules'
 buffers (BatchNorm's running statistics) as the forward left them. Memory: one state pair and
 the buffers' copies, independent of depth; the compiled backward is one graph (inductor fuses
@@ -23,13 +27,20 @@ residual function a module of its step or a method of one (no free closures, who
 VJP would not see); float coefficients with ``eps(dtype) prod 1/|alpha|`` below
 :data:`mode.reversible.AMPLIFICATION_WARN` (a tensor ``alpha``, a learned gamma, would need
 its value); no module in training mode that draws random numbers (Dropout, RReLU: the graph
-cannot replay the RNG). An ineligible chain runs through the opaque engine, which is faithful
+cannot replay the RNG); no module whose run assigns module attributes (the hooks of
+``nn.utils.spectral_norm`` and ``nn.utils.weight_norm``, ``parametrizations.spectral_norm``
+in training mode: dynamo refuses that side effect inside an ``autograd.Function``). An
+ineligible chain runs through the opaque engine, which is faithful
 in every case, and breaks the graph there; ``fullgraph=True`` then raises with the reason.
 
 The contract the graph cannot check: residual functions are deterministic functions of their
 input, arguments, parameters and buffers. A function that draws random numbers itself
 (``torch.rand`` in its ``forward``) would get other numbers in the recomputation; keep such a
-network out of ``traceable``, where the opaque engine replays RNG states.
+network out of ``traceable``, where the opaque engine replays RNG states. Forward hooks run
+twice, in the forward and in the backward's evaluation of ``phi`` (as in the opaque engine and
+``torch.utils.checkpoint``); one that changes Python state (appends to a list) is a side effect
+dynamo refuses inside the chain: with ``fullgraph=True`` dynamo raises, else the chain runs
+eagerly, with the same gradients.
 
 Dynamo shares compiled frames among every ``torch.compile`` of the same code: in a process that
 compiled the same model structure without ``traceable``, a traceable copy may reuse those
@@ -48,7 +59,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .steps import Coupling, ReversibleStep, StepGrid, apply_step, invert_step
+from .steps import Coupling, ReversibleStep, StepGrid, apply_step, scaled_phi
 
 __all__ = ["refusal", "integrate_traced", "distinct_tensors"]
 
@@ -66,6 +77,25 @@ def _draws(m: nn.Module) -> bool:
     if isinstance(m, nn.modules.dropout._DropoutNd):
         return m.p > 0
     return isinstance(m, nn.RReLU) and m.lower != m.upper
+
+
+def _assigns(m: nn.Module) -> str | None:
+    """What of ``m`` assigns module attributes while it runs (dynamo refuses such a side
+    effect inside the chain's ``autograd.Function``): the hook of ``nn.utils.spectral_norm`` or
+    ``nn.utils.weight_norm`` (it sets the weight), or the power iteration of
+    ``parametrizations.spectral_norm`` in training mode (it sets ``_u`` and ``_v``)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, (SpectralNorm, WeightNorm)):
+            return f"nn.utils.{type(hook).__name__.lower().replace('norm', '_norm')}"
+    if isinstance(m, parametrize.ParametrizationList) and m.training:
+        if any(isinstance(q, _SpectralNorm) for q in m):
+            return "parametrizations.spectral_norm in training mode"
+    return None
 
 
 class _Step(NamedTuple):
@@ -138,6 +168,10 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
             if _draws(m):
                 return (f"step {i}: {type(m).__name__} in training mode draws random numbers, "
                         f"which a traced graph cannot replay in the recomputation")
+            what = _assigns(m)
+            if what is not None:
+                return (f"step {i}: {what} assigns module attributes as it runs, which dynamo "
+                        f"cannot trace inside the chain's autograd.Function")
     amp = math.exp(min(log_amplification(), 700.0))
     if torch.finfo(dtype).eps * amp > limit:
         return (f"float reversal amplifies rounding by prod(1/|alpha|) = {amp:.3g} (the engine "
@@ -211,35 +245,57 @@ class _TracedChain(torch.autograd.Function):
             buffers = snapshots[end - len(st.buffers):end]
             end -= len(st.buffers)
             params = [tensors[i] for _, i in st.params]
-            with torch.no_grad():
-                s = _call(program, st, params, buffers, invert_step, s, args)
-            g, new = _step_vjp(program, st, params, buffers, s, args, slots, g)
             targets = [i for _, i in st.params] + [program.args[j].index for j in slots]
-            for i, d in zip(targets, new):
-                grads[i] = d if grads[i] is None else grads[i] + d
+            s, g = list(s), list(g)
+            if st.module.swap:
+                s, g = [s[1], s[0]], [g[1], g[0]]
+            for c in reversed(st.module.couplings()):
+                new = _backward_coupling(program, st, c, params, buffers, s, g, args, slots)
+                for i, d in zip(targets, new):
+                    if d is not None:
+                        grads[i] = d if grads[i] is None else grads[i] + d
         return (None, *g, *grads)
 
 
-def _step_vjp(program: _Program, st: _Step, params, buffers, s, args, slots, g):
-    """``(ds_n, (dθ_n, dargs_n))``: the VJP of one step at its reconstructed input ``s``, with
-    respect to the pair, the step's parameters and the tensor arguments (at ``slots``)."""
-    n = len(params)
+def _backward_coupling(program: _Program, st: _Step, c: Coupling, params, buffers, s: list,
+                       g: list, args: tuple, slots) -> Sequence[torch.Tensor | None]:
+    """Undo ``s[t] <- a s[t] + shift s[o] + p``, ``p = scale phi(s[o], *args)``, and pull
+    ``g`` back through it, in place in the lists ``s`` and ``g``; returns ``(dθ, dargs)``.
+    ``p`` is evaluated once, for both: the VJP of ``phi`` at ``s[o]`` (unchanged by the
+    coupling) gives ``p`` with its pullback."""
+    t, o = c.target, 1 - c.target
+    a = float(c.alpha)  # a float: refusal() turns tensor coefficients away
+    new: Sequence[torch.Tensor | None] = ()
+    prev, gt = s[t], g[t]
+    if c.shift:
+        prev = prev - c.shift * s[o]
+        g[o] = torch.add(g[o], gt, alpha=c.shift)
+    if c.phi is not None:
+        p, pull = torch.func.vjp(_scaled_phi(program, st, c, buffers, args, slots),
+                                 s[o], *params, *(args[j] for j in slots))
+        prev = prev - p
+        d = pull(gt if gt.dtype == p.dtype else gt.to(p.dtype))
+        g[o] = g[o] + d[0]
+        new = d[1:]
+    s[t] = prev / a if a != 1.0 else prev
+    if a != 1.0:
+        g[t] = gt * a
+    return new
 
-    def step(a, b, *primals):
+
+def _scaled_phi(program: _Program, st: _Step, c: Coupling, buffers, args, slots):
+    """``(other, *params, *tensor_args) -> scale phi(other, *args)``, evaluated with the step's
+    parameters ``params``, copies of its saved ``buffers`` and the forward's autocast state."""
+    n = len(st.params)
+    names = [name for name, _ in st.params]
+
+    def fn(other, *primals):
         own = list(args)
         for j, x in zip(slots, primals[n:]):
             own[j] = x
-        return _call(program, st, primals[:n], buffers, apply_step, (a, b), tuple(own))
+        values = dict(zip(names, primals[:n]))
+        values.update((name, b.clone()) for name, b in zip(st.buffers, buffers))
+        with _reparametrize_module(st.module, values):
+            return _under(program.autocast, scaled_phi, c, other, tuple(own))
 
-    _, pull = torch.func.vjp(step, s[0], s[1], *params, *(args[j] for j in slots))
-    out = pull(g)
-    return out[:2], out[2:]
-
-
-def _call(program: _Program, st: _Step, params, buffers, fn, s, args):
-    """``fn(step, s, args)`` with the step's parameters ``params``, copies of its ``buffers``
-    and the forward's autocast state."""
-    values = dict(zip((name for name, _ in st.params), params))
-    values.update((name, b.clone()) for name, b in zip(st.buffers, buffers))
-    with _reparametrize_module(st.module, values):
-        return _under(program.autocast, fn, st.module, s, args)
+    return fn

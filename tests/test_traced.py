@@ -209,6 +209,96 @@ def test_what_cannot_be_traced_is_named_and_still_exact_without_fullgraph(case, 
     assert _close(got, want, 1e-9 if case == "exact" else 1e-12)
 
 
+_NORMS = {
+    "orthogonal": nn.utils.parametrizations.orthogonal,
+    "weight_norm": nn.utils.parametrizations.weight_norm,
+    "spectral_norm": nn.utils.parametrizations.spectral_norm,
+    "hooked_spectral_norm": nn.utils.spectral_norm,  # the older API: a forward pre-hook
+    "hooked_weight_norm": nn.utils.weight_norm,  # (deprecated in torch)
+}
+
+
+def _normed(depth: int, reversible: bool, kind: str) -> nn.Module:
+    """``_momentum`` with the first Linear of every residual function under ``_NORMS[kind]``
+    (spectral norm draws its power-iteration vectors: seeded, the same for every model)."""
+    model = _momentum(depth, reversible)
+    torch.manual_seed(1)
+    for f in model[1].functions:
+        _NORMS[kind](f[0])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "weight_norm", "spectral_norm"])
+def test_parametrized_weights_are_traced(kind):
+    """Parametrizations recompute the weight from its original at each use: traced in one
+    graph, gradients on the originals as autograd gives them, for three iterations (spectral
+    norm in eval mode: its vectors are read, not updated)."""
+    ref, model = _normed(4, False, kind), _normed(4, True, kind)
+    if kind == "spectral_norm":
+        ref.eval(), model.eval()
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    for i in range(3):
+        assert _close(_grads(compiled, _x(i)), _grads(ref, _x(i)))
+    assert backend.graphs == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+@pytest.mark.parametrize("kind", ["spectral_norm", "hooked_spectral_norm", "hooked_weight_norm"])
+def test_spectral_norm_in_training_is_named_and_still_autograd_without_fullgraph(kind):
+    """Spectral norm's power iteration assigns its vectors (and the older hook-based API of
+    spectral and weight norm the weight) as attributes, a side effect dynamo refuses inside
+    the chain's autograd.Function: with
+    fullgraph=True mode's reason is raised; without it the opaque engine gives autograd's
+    gradients, and the vectors end as autograd leaves them (one power iteration per forward,
+    none in the backward)."""
+    with pytest.raises(Exception, match="assigns module attributes"):
+        torch.compile(_normed(4, True, kind), backend=Counting(), fullgraph=True)(_x())
+    dynamo.reset()
+    ref, model = _normed(4, False, kind), _normed(4, True, kind)
+    compiled = torch.compile(model, backend=Counting())
+    for i in range(2):
+        assert _close(_grads(compiled, _x(i)), _grads(ref, _x(i)))
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), k
+
+
+def test_forward_hooks_run_in_the_traced_backward_as_in_the_engine():
+    """A forward hook that changes f's output is part of f: traced in one graph, with
+    autograd's gradients. A hook that counts calls (a Python side effect dynamo refuses inside
+    the chain, so the chain runs eagerly) fires twice per forward and backward, as in the
+    eager reversible engine: once in the forward and once where the backward evaluates f, not
+    a third time for the reconstruction (the VJP's evaluation gives it)."""
+    def doubled(reversible):
+        model = _momentum(4, reversible)
+        for f in model[1].functions:
+            f.register_forward_hook(lambda m, i, out: 2 * out)
+        return model
+
+    backend = Counting()
+    compiled = torch.compile(doubled(True), backend=backend, fullgraph=True)
+    for i in range(2):
+        assert _close(_grads(compiled, _x(i)), _grads(doubled(False), _x(i)))
+    assert backend.graphs == 1
+
+    def calls(model, compile):
+        count = []
+        model[1].functions[0].register_forward_hook(lambda *a: count.append(1))
+        run = torch.compile(model, backend=Counting()) if compile else model
+        per = []
+        for i in range(2):
+            before = len(count)
+            _grads(run, _x(i))
+            per.append(len(count) - before)
+        return per
+
+    dynamo.reset()
+    assert calls(_momentum(4, False), False) == [1, 1]
+    assert calls(_momentum(4, True), False) == [2, 2]
+    dynamo.reset()
+    assert calls(_momentum(4, True), True) == [2, 2]
+
+
 def test_eval_mode_dropout_is_traced():
     """Dropout draws nothing in eval mode: the chain is traced (one graph)."""
     ref, model = _momentum(4, False, dropout=0.5).eval(), _momentum(4, True, dropout=0.5).eval()
