@@ -92,8 +92,8 @@ def _assigns(m: nn.Module) -> str | None:
     for hook in m._forward_pre_hooks.values():
         if isinstance(hook, (SpectralNorm, WeightNorm)):
             return f"nn.utils.{type(hook).__name__.lower().replace('norm', '_norm')}"
-    if isinstance(m, parametrize.ParametrizationList) and m.training:
-        if any(isinstance(q, _SpectralNorm) for q in m):
+    if isinstance(m, parametrize.ParametrizationList):
+        if any(isinstance(q, _SpectralNorm) and q.training for q in m):
             return "parametrizations.spectral_norm in training mode"
     return None
 
