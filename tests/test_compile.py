@@ -87,6 +87,26 @@ def test_compiled_model_gives_eager_gradients_without_recompiling(how):
         assert inner.graphs == FUNCTION_GRAPHS[how]
 
 
+@pytest.mark.parametrize("how", ["float", "exact"])
+def test_a_changing_batch_size_recompiles_once_then_never(how):
+    """Batches of changing size (an epoch's last batch is smaller): the first new size
+    recompiles each graph once with a symbolic batch dimension (dynamo's automatic dynamic
+    shapes), later sizes add no graph, and the gradients stay eager's bit for bit."""
+    sizes = [BATCH, BATCH, 6, 8, 3, 5, 16]
+    xs = [torch.randn(b, D, generator=torch.Generator().manual_seed(b)) for b in sizes]
+    want = _eager(how, xs)
+    model = _model(how)
+    outer, inner = Counting(), Counting()
+    mode.compile_functions(model, backend=inner)
+    compiled = torch.compile(model, backend=outer)
+    graphs = []
+    for x, w in zip(xs, want):
+        assert all(torch.equal(a, b) for a, b in zip(_step(compiled, x), w))
+        graphs.append((outer.graphs, inner.graphs))
+    assert graphs[1] == graphs[0] and inner.graphs <= 2 * FUNCTION_GRAPHS[how], graphs
+    assert graphs[2:] == [graphs[2]] * (len(sizes) - 2), graphs
+
+
 def test_functions_share_graphs_and_can_be_switched_off():
     """One graph per grad mode for all functions of one structure (not one per function);
     ``compile_functions(model, False)`` compiles nothing, even inside a compiled model."""

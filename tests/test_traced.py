@@ -123,6 +123,23 @@ def test_batchnorm_running_statistics_count_each_batch_once():
         assert torch.equal(a, b)
 
 
+def test_a_changing_batch_size_recompiles_once_then_never():
+    """Batches of changing size with BatchNorm in f: the first new size recompiles the one
+    graph with a symbolic batch dimension (dynamo's automatic dynamic shapes), later sizes add
+    none; gradients and running statistics stay autograd's."""
+    ref, model = _momentum(6, False, norm=True), _momentum(6, True, norm=True)
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    graphs = []
+    for b in [BATCH, BATCH, 6, 8, 3, 5, 16]:
+        x = torch.randn(b, D, generator=torch.Generator().manual_seed(b), dtype=DT)
+        assert _close(_grads(compiled, x), _grads(ref, x))
+        graphs.append(backend.graphs)
+    assert graphs == [1, 1, 2, 2, 2, 2, 2]
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_tied_functions_and_two_forwards_before_one_backward():
     """One function at every step gets the sum of its steps' gradients; two forwards before
     one backward keep separate saved states."""
