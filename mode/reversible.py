@@ -1704,13 +1704,12 @@ def integrate(
     if compiling:  # being traced: the engine is one opaque call, or traced whole
         if traceable:
             couplings = _step_couplings(steps)
-            why = traced.refusal(steps, couplings, s0.dtype, how.exact,
-                                 lambda: _log_amplification(_runs(steps, couplings)),
-                                 AMPLIFICATION_WARN)
+            why = traced.refusal(steps, couplings, s0.dtype, how.exact, AMPLIFICATION_WARN)
             if why is None:
                 _refuse_sharded_functions(m for step in steps for m in step.modules())
-                return traced.integrate_traced(steps, s0, s1, args,
-                                               _autocast_state(s0.device.type)[0])
+                return traced.integrate_traced(steps, couplings, s0, s1, args,
+                                               _autocast_state(s0.device.type)[0],
+                                               AMPLIFICATION_WARN)
             _refuse_tracing(f"mode.traceable: this chain runs through the opaque engine: {why}")
         run = _OPAQUE.get("run")
         if run is None:  # made here, in the trace: name the reason before dynamo's own break

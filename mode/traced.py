@@ -24,14 +24,20 @@ across steps). The autocast state of the forward is replayed in the backward.
 
 Eligible (:func:`refusal` says why not): float mode; a list of steps (not a StepGrid); every
 residual function a module of its step or a method of one (no free closures, whose tensors the
-VJP would not see); float coefficients with ``eps(dtype) prod 1/|alpha|`` below
-:data:`mode.reversible.AMPLIFICATION_WARN` (a tensor ``alpha``, a learned gamma, would need
-its value); no module in training mode that draws random numbers (Dropout, RReLU: the graph
-cannot replay the RNG); no module whose run assigns module attributes (the hooks of
+VJP would not see); scalar coefficients with ``eps(dtype) prod 1/|alpha|`` below
+:data:`mode.reversible.AMPLIFICATION_WARN`; no module in training mode that draws random
+numbers (Dropout, RReLU: the graph cannot replay the RNG); no module whose run assigns module attributes (the hooks of
 ``nn.utils.spectral_norm`` and ``nn.utils.weight_norm``, ``parametrizations.spectral_norm``
 in training mode: dynamo refuses that side effect inside an ``autograd.Function``). An
 ineligible chain runs through the opaque engine, which is faithful
 in every case, and breaks the graph there; ``fullgraph=True`` then raises with the reason.
+
+Tensor coefficients (a learned gamma: ``alpha = gamma``, ``scale = 1 - gamma``) are the
+couplings' values at this call, inputs of the chain's node: the backward divides by them and
+returns ``d alpha = sum(ds[t] s[t])`` (the reconstructed ``s[t]``) and ``d scale`` from the
+VJP, which autograd carries on to the parameters they are made of. Their amplification bound
+cannot be decided while tracing; it is an assertion in the graph, which raises when the graph
+runs (the eager engine warns and goes on; a graph cannot warn).
 
 The contract the graph cannot check: residual functions are deterministic functions of their
 input, arguments, parameters and buffers. A function that draws random numbers itself
@@ -59,7 +65,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .steps import Coupling, ReversibleStep, StepGrid, apply_step, scaled_phi
+from .steps import Coupling, ReversibleStep, StepGrid, coupling_update, scaled_phi
 
 __all__ = ["refusal", "integrate_traced", "distinct_tensors"]
 
@@ -100,11 +106,13 @@ def _assigns(m: nn.Module) -> str | None:
 
 class _Step(NamedTuple):
     """One step of the traced chain: its module, the names of its parameters with their index
-    in the chain's tensors, and the names of its buffers."""
+    in the chain's tensors, the names of its buffers, and its couplings as the forward made
+    them (a tensor coefficient replaced by its :class:`_Arg`)."""
 
     module: ReversibleStep
     params: tuple[tuple[str, int], ...]
     buffers: tuple[str, ...]
+    couplings: tuple[Coupling, ...]
 
 
 class _Program(NamedTuple):
@@ -143,10 +151,11 @@ def _phi_owner(phi, modules: list[nn.Module]) -> bool:
 
 
 def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.dtype,
-            exact: bool, log_amplification, limit: float) -> str | None:
-    """Why this chain cannot run as a traced graph (``None``: it can). ``log_amplification()``
-    is the engine's ``-sum log|alpha|`` (called once every coefficient is known to be a float);
-    the chain is refused where ``eps(dtype)`` times its exponential exceeds ``limit``."""
+            exact: bool, limit: float) -> str | None:
+    """Why this chain cannot run as a traced graph (``None``: it can). A chain of float
+    coefficients is refused where float reversal amplifies rounding by more than ``limit``,
+    ``eps(dtype) prod 1/|alpha| > limit`` (tensor coefficients are checked in the graph, by
+    :func:`integrate_traced`)."""
     if exact:
         return ("exact mode's range checks and information buffer depend on tensor values, "
                 "which a traced graph cannot branch on")
@@ -161,9 +170,9 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
                 return (f"step {i}: a residual function that is neither a module of its step nor "
                         f"a method of one (a closure); its tensors would get no gradient")
             for x in (c.alpha, c.scale):
-                if isinstance(x, torch.Tensor):
-                    return (f"step {i}: a tensor coefficient (a learned gamma): bounding float "
-                            f"reversal's error needs its value, which a traced graph cannot read")
+                if isinstance(x, torch.Tensor) and x.numel() != 1:
+                    return (f"step {i}: a coefficient of {x.numel()} elements; a coupling's "
+                            f"alpha and scale are scalars")
         for m in modules:
             if _draws(m):
                 return (f"step {i}: {type(m).__name__} in training mode draws random numbers, "
@@ -172,11 +181,45 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
             if what is not None:
                 return (f"step {i}: {what} assigns module attributes as it runs, which dynamo "
                         f"cannot trace inside the chain's autograd.Function")
-    amp = math.exp(min(log_amplification(), 700.0))
+    amp = math.exp(min(_float_log_amplification(couplings), 700.0))
     if torch.finfo(dtype).eps * amp > limit:
         return (f"float reversal amplifies rounding by prod(1/|alpha|) = {amp:.3g} (the engine "
                 f"warns); use exact=True")
     return None
+
+
+def _float_log_amplification(couplings: Sequence[Sequence[Coupling]]) -> float:
+    """``-sum log|alpha|`` over the float coefficients (``inf`` where one is 0)."""
+    log = 0.0
+    for cs in couplings:
+        for c in cs:
+            if not isinstance(c.alpha, torch.Tensor):
+                if c.alpha == 0.0:
+                    return math.inf
+                log -= math.log(abs(c.alpha))
+    return log
+
+
+def _check_tensor_amplification(couplings, dtype: torch.dtype, limit: float) -> None:
+    """The amplification check of :func:`refusal` for a chain with tensor coefficients (a
+    learned gamma), as an assertion in the graph: ``eps(dtype) prod 1/|alpha| <= limit`` over
+    every coefficient, a float one or a tensor's current value. It raises a RuntimeError when
+    the graph runs (on CUDA a device-side assertion, fatal to the process's CUDA context)."""
+    alphas = [c.alpha.detach() for cs in couplings for c in cs if isinstance(c.alpha, torch.Tensor)]
+    if not alphas:
+        return
+    log = _float_log_amplification(couplings)
+    for a in alphas:
+        log = log - torch.log(torch.abs(a.to(torch.float32)))  # (no float64 on every device)
+    ok = torch.finfo(dtype).eps * torch.exp(log) <= limit  # False for NaN, alpha = 0: inf
+    torch._assert_async(
+        ok,
+        f"mode.traceable: float reversal of this chain amplifies {dtype} rounding by "
+        f"prod(1/|alpha|) > {limit / torch.finfo(dtype).eps:.3g} (the tensor coefficients, a "
+        f"learned gamma, have become small, or zero, or NaN): its reconstructed activations and "
+        f"gradients cannot be trusted. Use exact=True, or leave this network out of "
+        f"mode.traceable (the opaque engine warns and goes on)",
+    )
 
 
 def _under(state: tuple, fn, *a):
@@ -188,31 +231,49 @@ def _under(state: tuple, fn, *a):
         return _under(state[1:], fn, *a)
 
 
-def integrate_traced(steps: Sequence[ReversibleStep], s0: torch.Tensor, s1: torch.Tensor,
-                     args: tuple, autocast: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run an eligible float chain (:func:`refusal` is ``None``) as one traced autograd node;
+def integrate_traced(steps: Sequence[ReversibleStep], couplings: Sequence[Sequence[Coupling]],
+                     s0: torch.Tensor, s1: torch.Tensor, args: tuple, autocast: tuple,
+                     limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an eligible float chain (:func:`refusal` is ``None``) as one traced autograd node.
+
+    ``couplings``: each step's couplings, made once here, for this call (forward and backward
+    read these, whose tensor coefficients are inputs of the node and get their gradients);
     ``autocast``: the forward's ``((device_type, enabled, dtype), ...)``, replayed in the
-    backward."""
+    backward; ``limit``: the bound on float reversal's error, checked in the graph for tensor
+    coefficients."""
+    _check_tensor_amplification(couplings, s0.dtype, limit)
     tensors, add = distinct_tensors()
 
+    def slot(x):
+        return _Arg(add(x)) if isinstance(x, torch.Tensor) else x
+
     prog_steps = []
-    for step in steps:
+    for step, cs in zip(steps, couplings):
         params = tuple((name, add(p)) for name, p in step.named_parameters())
         buffers = tuple(name for name, _ in step.named_buffers())
-        prog_steps.append(_Step(step, params, buffers))
-    arg_slots = tuple(_Arg(add(a)) if isinstance(a, torch.Tensor) else a for a in args)
-    program = _Program(tuple(prog_steps), arg_slots, autocast)
+        cs = tuple(c._replace(alpha=slot(c.alpha), scale=slot(c.scale)) for c in cs)
+        prog_steps.append(_Step(step, params, buffers, cs))
+    program = _Program(tuple(prog_steps), tuple(slot(a) for a in args), autocast)
     return _TracedChain.apply(program, s0, s1, *tensors)
 
 
 class _Arg(NamedTuple):
-    """A tensor argument's place in the chain's tensors."""
+    """A tensor's place in the chain's tensors (an argument, a tensor coefficient)."""
 
     index: int
 
 
+def _value(x, tensors: Sequence[torch.Tensor]):
+    return tensors[x.index] if isinstance(x, _Arg) else x
+
+
 def _args(program: _Program, tensors: Sequence[torch.Tensor]) -> tuple:
-    return tuple(tensors[a.index] if isinstance(a, _Arg) else a for a in program.args)
+    return tuple(_value(a, tensors) for a in program.args)
+
+
+def _coupling(c: Coupling, tensors: Sequence[torch.Tensor]) -> Coupling:
+    """A coupling of the program with its tensor coefficients."""
+    return c._replace(alpha=_value(c.alpha, tensors), scale=_value(c.scale, tensors))
 
 
 class _TracedChain(torch.autograd.Function):
@@ -225,7 +286,10 @@ class _TracedChain(torch.autograd.Function):
         s = (s0, s1)
         for st in program.steps:
             snapshots.extend(b.clone() for _, b in st.module.named_buffers())
-            s = apply_step(st.module, s, args)
+            s = list(s)
+            for c in st.couplings:
+                s[c.target] = coupling_update(_coupling(c, tensors), s, args)
+            s = (s[1], s[0]) if st.module.swap else (s[0], s[1])
         ctx.program = program
         ctx.save_for_backward(*s, *tensors, *snapshots)
         return s
@@ -236,66 +300,75 @@ class _TracedChain(torch.autograd.Function):
         saved = ctx.saved_tensors
         n = len(saved) - 2 - sum(len(st.buffers) for st in program.steps)
         s, tensors, snapshots = saved[:2], saved[2:2 + n], saved[2 + n:]
-        args = _args(program, tensors)
-        slots = [j for j, a in enumerate(program.args) if isinstance(a, _Arg)]
         grads: list[torch.Tensor | None] = [None] * n
         g = (g0, g1)
         end = len(snapshots)
         for st in reversed(program.steps):
             buffers = snapshots[end - len(st.buffers):end]
             end -= len(st.buffers)
-            params = [tensors[i] for _, i in st.params]
-            targets = [i for _, i in st.params] + [program.args[j].index for j in slots]
             s, g = list(s), list(g)
             if st.module.swap:
                 s, g = [s[1], s[0]], [g[1], g[0]]
-            for c in reversed(st.module.couplings()):
-                new = _backward_coupling(program, st, c, params, buffers, s, g, args, slots)
-                for i, d in zip(targets, new):
+            for c in reversed(st.couplings):
+                for i, d in _backward_coupling(program, st, c, tensors, buffers, s, g):
                     if d is not None:
                         grads[i] = d if grads[i] is None else grads[i] + d
         return (None, *g, *grads)
 
 
-def _backward_coupling(program: _Program, st: _Step, c: Coupling, params, buffers, s: list,
-                       g: list, args: tuple, slots) -> Sequence[torch.Tensor | None]:
+def _backward_coupling(program: _Program, st: _Step, c: Coupling, tensors, buffers, s: list,
+                       g: list) -> list[tuple[int, torch.Tensor | None]]:
     """Undo ``s[t] <- a s[t] + shift s[o] + p``, ``p = scale phi(s[o], *args)``, and pull
-    ``g`` back through it, in place in the lists ``s`` and ``g``; returns ``(dθ, dargs)``.
-    ``p`` is evaluated once, for both: the VJP of ``phi`` at ``s[o]`` (unchanged by the
-    coupling) gives ``p`` with its pullback."""
+    ``g`` back through it, in place in the lists ``s`` and ``g``; returns ``(index, gradient)``
+    for the chain's tensors it reaches (θ, tensor arguments, a tensor ``scale`` through the
+    VJP; a tensor ``a``: ``da = sum(g[t] s[t])`` with the reconstructed ``s[t]``). ``p`` is
+    evaluated once, for both: the VJP of ``phi`` at ``s[o]`` (unchanged by the coupling) gives
+    ``p`` with its pullback."""
     t, o = c.target, 1 - c.target
-    a = float(c.alpha)  # a float: refusal() turns tensor coefficients away
-    new: Sequence[torch.Tensor | None] = ()
+    a = _value(c.alpha, tensors)
+    out: list[tuple[int, torch.Tensor | None]] = []
     prev, gt = s[t], g[t]
     if c.shift:
         prev = prev - c.shift * s[o]
         g[o] = torch.add(g[o], gt, alpha=c.shift)
     if c.phi is not None:
-        p, pull = torch.func.vjp(_scaled_phi(program, st, c, buffers, args, slots),
-                                 s[o], *params, *(args[j] for j in slots))
+        slots = [j for j, x in enumerate(program.args) if isinstance(x, _Arg)]
+        where = [i for _, i in st.params] + [program.args[j].index for j in slots]
+        if isinstance(c.scale, _Arg):
+            where.append(c.scale.index)
+        args = _args(program, tensors)
+        primals = [tensors[i] for i in where]
+        p, pull = torch.func.vjp(_scaled_phi(program, st, _coupling(c, tensors), buffers, args,
+                                             slots), s[o], *primals)
         prev = prev - p
         d = pull(gt if gt.dtype == p.dtype else gt.to(p.dtype))
         g[o] = g[o] + d[0]
-        new = d[1:]
-    s[t] = prev / a if a != 1.0 else prev
-    if a != 1.0:
+        out = list(zip(where, d[1:]))
+    tensor = isinstance(a, torch.Tensor)
+    s[t] = prev / a if tensor or a != 1.0 else prev
+    if tensor:
+        out.append((c.alpha.index, (gt * s[t]).sum_to_size(a.shape).to(a.dtype)))
+    if tensor or a != 1.0:
         g[t] = gt * a
-    return new
+    return out
 
 
 def _scaled_phi(program: _Program, st: _Step, c: Coupling, buffers, args, slots):
-    """``(other, *params, *tensor_args) -> scale phi(other, *args)``, evaluated with the step's
-    parameters ``params``, copies of its saved ``buffers`` and the forward's autocast state."""
+    """``(other, *params, *tensor_args[, scale]) -> scale phi(other, *args)`` (``scale`` a
+    primal where it is a tensor), evaluated with the step's parameters ``params``, copies of
+    its saved ``buffers`` and the forward's autocast state."""
     n = len(st.params)
     names = [name for name, _ in st.params]
+    tensor_scale = isinstance(c.scale, torch.Tensor)
 
     def fn(other, *primals):
         own = list(args)
-        for j, x in zip(slots, primals[n:]):
+        for j, x in zip(slots, primals[n:n + len(slots)]):
             own[j] = x
         values = dict(zip(names, primals[:n]))
         values.update((name, b.clone()) for name, b in zip(st.buffers, buffers))
+        scale = primals[-1] if tensor_scale else c.scale
         with _reparametrize_module(st.module, values):
-            return _under(program.autocast, scaled_phi, c, other, tuple(own))
+            return _under(program.autocast, scaled_phi, c, other, tuple(own), scale)
 
     return fn

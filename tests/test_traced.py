@@ -191,6 +191,43 @@ def test_every_architecture_with_a_tensor_argument(arch):
     assert _close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("arch", [mode.MomentumResNet, mode.MRevNet])
+def test_a_learned_gamma_is_traced_and_checked_in_the_graph(arch):
+    """A learned gamma (an nn.Parameter, the couplings' tensor alpha, and in a Momentum ResNet
+    also its scale 1 - gamma): one graph over three iterations for the reversible model and for
+    the same model with reversible=False, whose gradients, gamma's included, it gives; the
+    range check and the bound on float reversal's error run in the graph and raise there."""
+    def build(reversible):
+        torch.manual_seed(0)
+        fs = [_mlp(norm=True) for _ in range(12)]
+        net = arch(fs, nn.Parameter(torch.tensor(0.8)), reversible=reversible)
+        model = nn.Sequential(nn.Linear(D, D), net, nn.Linear(D, 1)).to(DT)
+        mode.traceable(model)
+        return model, Counting()
+
+    (ref, ref_backend), (model, backend) = build(False), build(True)
+    ref_compiled = torch.compile(ref, backend=ref_backend, fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    for i in range(3):
+        x = _x(i)
+        got, want = _grads(compiled, x), _grads(ref_compiled, x)
+        assert _close(got, want, 1e-10) and model[1].gamma.grad.abs() > 1e-3
+    assert backend.graphs == ref_backend.graphs == 1
+    gamma = model[1].gamma
+    with torch.no_grad():
+        gamma.fill_(1.5)
+    with pytest.raises(RuntimeError, match=r"gamma must lie in"):
+        compiled(_x())
+    with torch.no_grad():  # 20^12 eps(float64) = 0.9 > AMPLIFICATION_WARN
+        gamma.fill_(0.05)
+    with pytest.raises(RuntimeError, match="amplifies torch.float64 rounding"):
+        compiled(_x())
+    with torch.no_grad():  # 0.1^-12 eps(float64) = 2e-4: traced, no recompilation
+        gamma.fill_(0.1)
+    compiled(_x()).sum().backward()
+    assert backend.graphs == 1
+
+
 @pytest.mark.parametrize("case, match", [
     ("exact", "exact mode"),
     ("dropout", "Dropout in training mode"),

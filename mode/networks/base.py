@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import reversible as engine
+from ..conventions import check_gamma
 from ..steps import ReversibleStep, State
 
 __all__ = ["ReversibleNet", "compile_functions", "traceable"]
@@ -34,6 +35,27 @@ def _as_modules(functions, name: str) -> nn.ModuleList:
         if not callable(f):
             raise TypeError(f"{name}[{i}] must be callable, got {type(f).__name__}")
     return nn.ModuleList(f if isinstance(f, nn.Module) else _Wrap(f) for f in functions)
+
+
+def _check_learned_gamma(gamma, nonzero: bool) -> None:
+    """The check of a tensor ``gamma`` at each call (a learned one may leave its range):
+    ``0 <= gamma <= 1``, and ``gamma != 0`` where ``nonzero`` (a reversible Momentum ResNet).
+    Eagerly a ValueError with the value; under ``torch.compile`` an assertion in the graph
+    (there the value is data, and reading it would break the graph): a RuntimeError when the
+    graph runs, on CUDA a device-side assertion."""
+    if not isinstance(gamma, torch.Tensor):
+        return
+    if not engine._is_compiling():
+        check_gamma(gamma)
+        if nonzero and float(gamma.detach()) == 0.0:
+            raise ValueError("gamma reached 0, where a Momentum ResNet cannot be reversed")
+        return
+    g = gamma.detach()
+    ok = (g >= 0) & (g <= 1)  # False for NaN
+    if nonzero:
+        ok = ok & (g != 0)
+    torch._assert_async(ok, "gamma must lie in " + ("(0, 1]" if nonzero else "[0, 1]") +
+                        " (a learned gamma left that range; checked in the compiled graph)")
 
 
 class _Wrap(nn.Module):
@@ -163,8 +185,9 @@ def traceable(model: nn.Module, enabled: bool = True) -> int:
     """Make ``torch.compile`` trace the reversible engine of every mode network inside
     ``model``: an eligible float chain's forward and reversible backward become part of the
     compiled graph (one graph, ``fullgraph=True`` works, inductor fuses across steps), with
-    memory still independent of depth (:mod:`mode.traced`). An ineligible chain (exact mode,
-    a learned gamma, Dropout in training mode, ...) keeps the opaque engine and breaks the
+    memory still independent of depth (:mod:`mode.traced`); a learned gamma included, whose
+    checks become assertions in the graph. An ineligible chain (exact mode, Dropout in
+    training mode, ...) keeps the opaque engine and breaks the
     graph, with the reason under ``fullgraph=True``. Residual functions must be deterministic:
     random numbers drawn in a function's own code are not replayed. No effect outside
     ``torch.compile``; the model's modules and state_dict are unchanged. Returns the number of

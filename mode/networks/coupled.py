@@ -57,7 +57,14 @@ from torch import nn
 from .. import reversible as engine
 from ..conventions import _gamma_for_repr, _scalar_text, check_gamma, check_real
 from ..steps import Coupling, ReversibleStep
-from .base import Function, ReversibleNet, _as_modules, _check_flags, _same_objects
+from .base import (
+    Function,
+    ReversibleNet,
+    _as_modules,
+    _check_flags,
+    _check_learned_gamma,
+    _same_objects,
+)
 
 __all__ = [
     "ActivatedLayer",
@@ -748,8 +755,7 @@ class MRevNet(_CoupledNet):
 
     def _initial_pair(self, x0: torch.Tensor, v0: torch.Tensor | None):
         _check_input(x0, "x0")
-        if isinstance(self.gamma, torch.Tensor):
-            check_gamma(self.gamma)
+        _check_learned_gamma(self.gamma, False)  # (gamma = 0: the engine refuses to invert)
         default = self.init_velocity if self.init_velocity is not None else torch.zeros_like
         return x0, _companion(x0, v0, "v0", default)
 

@@ -17,7 +17,13 @@ from torch import nn
 from .. import reversible as engine
 from ..conventions import _gamma_for_repr, _scalar_text, check_gamma, gamma_to_eps
 from ..steps import MomentumStep
-from .base import ReversibleNet, _as_modules, _check_flags, _same_objects
+from .base import (
+    ReversibleNet,
+    _as_modules,
+    _check_flags,
+    _check_learned_gamma,
+    _same_objects,
+)
 
 __all__ = ["MomentumResNet"]
 
@@ -107,10 +113,7 @@ class MomentumResNet(ReversibleNet):
         return self._steps
 
     def _check_gamma_now(self) -> None:
-        if isinstance(self.gamma, torch.Tensor):
-            check_gamma(self.gamma)
-            if self.reversible and _gamma_value(self.gamma) == 0.0:
-                raise ValueError("gamma reached 0, where a Momentum ResNet cannot be reversed")
+        _check_learned_gamma(self.gamma, self.reversible)
 
     def _initial_velocity(self, x0: torch.Tensor, v0: torch.Tensor | None) -> torch.Tensor:
         if not isinstance(x0, torch.Tensor):
