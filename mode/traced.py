@@ -26,10 +26,10 @@ Eligible (:func:`refusal` says why not): float mode; a list of steps (not a Step
 residual function a module of its step or a method of one (no free closures, whose tensors the
 VJP would not see); scalar coefficients with ``eps(dtype) prod 1/|alpha|`` below
 :data:`mode.reversible.AMPLIFICATION_WARN`; no module in training mode that draws random
-numbers (Dropout, RReLU: the graph cannot replay the RNG); no module whose run assigns module attributes (the hooks of
-``nn.utils.spectral_norm`` and ``nn.utils.weight_norm``, ``parametrizations.spectral_norm``
-in training mode: dynamo refuses that side effect inside an ``autograd.Function``). An
-ineligible chain runs through the opaque engine, which is faithful
+numbers (Dropout, RReLU: the graph cannot replay the RNG); no module whose run assigns
+module attributes (the hooks of ``nn.utils.spectral_norm`` and ``nn.utils.weight_norm``,
+``parametrizations.spectral_norm`` in training mode: dynamo refuses that side effect inside an
+``autograd.Function``). An ineligible chain runs through the opaque engine, which is faithful
 in every case, and breaks the graph there; ``fullgraph=True`` then raises with the reason.
 
 Tensor coefficients (a learned gamma: ``alpha = gamma``, ``scale = 1 - gamma``) are the
@@ -67,7 +67,7 @@ from torch import nn
 
 from .steps import Coupling, ReversibleStep, StepGrid, coupling_update, scaled_phi
 
-__all__ = ["refusal", "integrate_traced", "distinct_tensors"]
+__all__ = ["refusal", "integrate_traced", "distinct_tensors", "assert_in_graph"]
 
 try:  # what torch.func.functional_call uses; dynamo traces it (trace_rules), also inside vjp
     from torch.nn.utils.stateless import _reparametrize_module
@@ -200,11 +200,21 @@ def _float_log_amplification(couplings: Sequence[Sequence[Coupling]]) -> float:
     return log
 
 
+def assert_in_graph(ok: torch.Tensor, message: str) -> None:
+    """Raise ``RuntimeError(message)`` when the graph runs if the boolean 0-dim ``ok`` is
+    false: a check of a tensor's value that a traced graph cannot branch on. Checked on the CPU
+    (``torch._assert_async``), where it raises with the message; a device tensor is copied
+    there first (one small synchronization), since on CUDA the assertion would be a
+    device-side assert, fatal to the process's CUDA context and without the message."""
+    if ok.device.type != "cpu":
+        ok = ok.to("cpu")
+    torch._assert_async(ok, message)
+
+
 def _check_tensor_amplification(couplings, dtype: torch.dtype, limit: float) -> None:
     """The amplification check of :func:`refusal` for a chain with tensor coefficients (a
     learned gamma), as an assertion in the graph: ``eps(dtype) prod 1/|alpha| <= limit`` over
-    every coefficient, a float one or a tensor's current value. It raises a RuntimeError when
-    the graph runs (on CUDA a device-side assertion, fatal to the process's CUDA context)."""
+    every coefficient, a float one or a tensor's current value (:func:`assert_in_graph`)."""
     alphas = [c.alpha.detach() for cs in couplings for c in cs if isinstance(c.alpha, torch.Tensor)]
     if not alphas:
         return
@@ -212,7 +222,7 @@ def _check_tensor_amplification(couplings, dtype: torch.dtype, limit: float) -> 
     for a in alphas:
         log = log - torch.log(torch.abs(a.to(torch.float32)))  # (no float64 on every device)
     ok = torch.finfo(dtype).eps * torch.exp(log) <= limit  # False for NaN, alpha = 0: inf
-    torch._assert_async(
+    assert_in_graph(
         ok,
         f"mode.traceable: float reversal of this chain amplifies {dtype} rounding by "
         f"prod(1/|alpha|) > {limit / torch.finfo(dtype).eps:.3g} (the tensor coefficients, a "

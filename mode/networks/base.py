@@ -10,6 +10,7 @@ from torch import nn
 from .. import reversible as engine
 from ..conventions import check_gamma
 from ..steps import ReversibleStep, State
+from ..traced import assert_in_graph
 
 __all__ = ["ReversibleNet", "compile_functions", "traceable"]
 
@@ -42,7 +43,7 @@ def _check_learned_gamma(gamma, nonzero: bool) -> None:
     ``0 <= gamma <= 1``, and ``gamma != 0`` where ``nonzero`` (a reversible Momentum ResNet).
     Eagerly a ValueError with the value; under ``torch.compile`` an assertion in the graph
     (there the value is data, and reading it would break the graph): a RuntimeError when the
-    graph runs, on CUDA a device-side assertion."""
+    graph runs (:func:`mode.traced.assert_in_graph`)."""
     if not isinstance(gamma, torch.Tensor):
         return
     if not engine._is_compiling():
@@ -54,7 +55,7 @@ def _check_learned_gamma(gamma, nonzero: bool) -> None:
     ok = (g >= 0) & (g <= 1)  # False for NaN
     if nonzero:
         ok = ok & (g != 0)
-    torch._assert_async(ok, "gamma must lie in " + ("(0, 1]" if nonzero else "[0, 1]") +
+    assert_in_graph(ok, "gamma must lie in " + ("(0, 1]" if nonzero else "[0, 1]") +
                         " (a learned gamma left that range; checked in the compiled graph)")
 
 
