@@ -192,16 +192,17 @@ def test_every_architecture_with_a_tensor_argument(arch):
 
 
 @pytest.mark.parametrize("arch", [mode.MomentumResNet, mode.MRevNet])
-def test_a_learned_gamma_is_traced_and_checked_in_the_graph(arch):
+def test_a_learned_gamma_is_traced_and_checked_in_the_graph(arch, device):
     """A learned gamma (an nn.Parameter, the couplings' tensor alpha, and in a Momentum ResNet
     also its scale 1 - gamma): one graph over three iterations for the reversible model and for
     the same model with reversible=False, whose gradients, gamma's included, it gives; the
-    range check and the bound on float reversal's error run in the graph and raise there."""
+    range check and the bound on float reversal's error run in the graph and raise there (on
+    CUDA too: the flag is checked on the CPU, so the process's CUDA context survives)."""
     def build(reversible):
         torch.manual_seed(0)
         fs = [_mlp(norm=True) for _ in range(12)]
         net = arch(fs, nn.Parameter(torch.tensor(0.8)), reversible=reversible)
-        model = nn.Sequential(nn.Linear(D, D), net, nn.Linear(D, 1)).to(DT)
+        model = nn.Sequential(nn.Linear(D, D), net, nn.Linear(D, 1)).to(device, DT)
         mode.traceable(model)
         return model, Counting()
 
@@ -209,7 +210,7 @@ def test_a_learned_gamma_is_traced_and_checked_in_the_graph(arch):
     ref_compiled = torch.compile(ref, backend=ref_backend, fullgraph=True)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     for i in range(3):
-        x = _x(i)
+        x = _x(i, device)
         got, want = _grads(compiled, x), _grads(ref_compiled, x)
         assert _close(got, want, 1e-10) and model[1].gamma.grad.abs() > 1e-3
     assert backend.graphs == ref_backend.graphs == 1
@@ -217,14 +218,14 @@ def test_a_learned_gamma_is_traced_and_checked_in_the_graph(arch):
     with torch.no_grad():
         gamma.fill_(1.5)
     with pytest.raises(RuntimeError, match=r"gamma must lie in"):
-        compiled(_x())
+        compiled(_x(0, device))
     with torch.no_grad():  # 20^12 eps(float64) = 0.9 > AMPLIFICATION_WARN
         gamma.fill_(0.05)
     with pytest.raises(RuntimeError, match="amplifies torch.float64 rounding"):
-        compiled(_x())
+        compiled(_x(0, device))
     with torch.no_grad():  # 0.1^-12 eps(float64) = 2e-4: traced, no recompilation
         gamma.fill_(0.1)
-    compiled(_x()).sum().backward()
+    compiled(_x(0, device)).sum().backward()
     assert backend.graphs == 1
 
 
