@@ -363,12 +363,14 @@ def test_eval_mode_dropout_is_traced():
     assert backend.graphs == 1
 
 
-def test_autocast_is_replayed_in_the_traced_backward():
+@pytest.mark.parametrize("learned", [False, True])
+def test_autocast_is_replayed_in_the_traced_backward(learned):
     """Under bf16 autocast the traced backward recomputes f under the same autocast: its
     gradients are the eager reversible engine's (which replays autocast) and within float
     reversal's accuracy of autograd's under the same autocast (depth 50); without the replay
     they are not (the check can fail: the replay is switched off and the error measured, at
-    depth 8)."""
+    depth 8). With a learned gamma too (its gradient included)."""
+    gamma = nn.Parameter(torch.tensor(GAMMA)) if learned else GAMMA
     torch.manual_seed(2)
     fs = [nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)) for _ in range(50)]
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
@@ -382,17 +384,17 @@ def test_autocast_is_replayed_in_the_traced_backward():
     def error(got, want):
         return max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))
 
-    want = grads(mode.MomentumResNet(fs, GAMMA, reversible=False))
-    eager = grads(mode.MomentumResNet(fs, GAMMA))
-    net = mode.MomentumResNet(fs, GAMMA)
+    want = grads(mode.MomentumResNet(fs, gamma, reversible=False))
+    eager = grads(mode.MomentumResNet(fs, gamma))
+    net = mode.MomentumResNet(fs, gamma)
     mode.traceable(net)
     traced = grads(torch.compile(net, backend=Counting(), fullgraph=True))
     assert all(torch.equal(a, b) for a, b in zip(traced, eager))
     assert error(traced, want) < 2e-2
     dynamo.reset()
     fs = fs[:8]
-    want = grads(mode.MomentumResNet(fs, GAMMA, reversible=False))
-    net = mode.MomentumResNet(fs, GAMMA)
+    want = grads(mode.MomentumResNet(fs, gamma, reversible=False))
+    net = mode.MomentumResNet(fs, gamma)
     mode.traceable(net)
     traced = grads(torch.compile(net, backend=Counting(), fullgraph=True))
     dynamo.reset()
