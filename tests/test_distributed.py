@@ -34,8 +34,9 @@ MODES = {"autograd": dict(reversible=False), "float": dict(reversible=True),
 TIMEOUT_S = 120
 
 
-def _model(how: str, norm: str | None = None, seed: int = 0) -> nn.Module:
-    """A float64 Momentum ResNet: ``f_n = tanh(norm(W_n x + b_n))`` and a linear head."""
+def _model(how: str, norm: str | None = None, seed: int = 0, learned: bool = False) -> nn.Module:
+    """A float64 Momentum ResNet: ``f_n = tanh(norm(W_n x + b_n))`` and a linear head; gamma
+    an ``nn.Parameter`` where ``learned``."""
     torch.manual_seed(seed)
 
     def f():
@@ -46,7 +47,10 @@ def _model(how: str, norm: str | None = None, seed: int = 0) -> nn.Module:
             layers.append(nn.SyncBatchNorm(D))
         return nn.Sequential(*layers, nn.Tanh())
 
-    net = mode.MomentumResNet([f() for _ in range(DEPTH)], 0.8, **MODES[how])
+    # (shape (1,): fully_shard refuses 0-dim parameters; float64 at once: 0.8 in float32,
+    # converted, is no rational of small denominator, which exact mode multiplies by)
+    gamma = nn.Parameter(torch.tensor([0.8], dtype=torch.float64)) if learned else 0.8
+    net = mode.MomentumResNet([f() for _ in range(DEPTH)], gamma, **MODES[how])
     return nn.Sequential(net, nn.Linear(D, 1)).double()
 
 
@@ -107,6 +111,12 @@ CASES = {
     "fsdp-net-autograd-compiled-bn": ("fsdp", "autograd", "bn", {"net": True, "compiled": True}),
     "fsdp-float-compiled": ("fsdp", "float", None, {"compiled": True}),
     "fsdp-net-exact-compiled-bn": ("fsdp", "exact", "bn", {"net": True, "compiled": True}),
+    # a learned gamma (traced: the chain's tensor coefficient)
+    **{f"{w}-{m}-learned": (w, m, None, {"learned": True}) for w in ("ddp", "fsdp")
+       for m in ("float", "exact")},
+    **{f"{w}-float-traced-learned": (w, "float", None,
+                                     {"compiled": True, "traced": True, "learned": True})
+       for w in ("ddp", "fsdp")},
 }
 
 
@@ -123,7 +133,7 @@ def _wrap(model, wrapper: str, options: dict):
 
 def _run_case(name: str, rank: int) -> dict:
     wrapper, how, norm, options = CASES[name]
-    model = _model(how, norm)
+    model = _model(how, norm, learned=options.get("learned", False))
     if options.get("traced"):
         mode.traceable(model)
     model = _wrap(model, wrapper, options)
@@ -205,12 +215,12 @@ def results(tmp_path_factory):
 # the single-process references
 
 
-def _reference(norm: str | None, how: str, per_shard: bool, micro: int = 1
-               ) -> dict[str, torch.Tensor]:
+def _reference(norm: str | None, how: str, per_shard: bool, micro: int = 1,
+               learned: bool = False) -> dict[str, torch.Tensor]:
     """Gradients of one process. ``per_shard``: the mean over ranks of each shard's loss, the
     shards run separately (BatchNorm statistics per shard); else the full-batch loss. With
     ``micro = 2`` the sum over two micro-batches."""
-    model = _model(how, norm)
+    model = _model(how, norm, learned=learned)
     x, y = _data(micro * N)
     for k in range(micro):
         xb, yb = x[k * N:(k + 1) * N], y[k * N:(k + 1) * N]
@@ -222,13 +232,14 @@ def _reference(norm: str | None, how: str, per_shard: bool, micro: int = 1
     return _grads(model)
 
 
-def _exact_reference(norm: str | None, micro: int = 1) -> dict[str, torch.Tensor]:
+def _exact_reference(norm: str | None, micro: int = 1, learned: bool = False
+                     ) -> dict[str, torch.Tensor]:
     """``sum over micro-batches and ranks of g / WORLD``, in DDP's order (each rank's total
     divided, then the two summed), from exact gradients of one process."""
     per_rank = []
     x, y = _data(micro * N)
     for r in range(WORLD):
-        model = _model("exact", norm)
+        model = _model("exact", norm, learned=learned)
         for k in range(micro):
             xb, yb = x[k * N:(k + 1) * N], y[k * N:(k + 1) * N]
             _loss(model, _shard(xb, r), _shard(yb, r)).backward()
@@ -255,11 +266,12 @@ def test_gradients_equal_one_process(results, name):
     for k in got[0]:  # every rank ends with the same gradients
         assert torch.equal(got[0][k], got[1][k]), k
     micro = 2 if options.get("no_sync") else 1
-    want = _reference(norm, "autograd", norm is not None, micro)
+    learned = options.get("learned", False)
+    want = _reference(norm, "autograd", norm is not None, micro, learned)
     # float64: reconstruction and a different summation order stay near round-off
     _close(got[0], want, 1e-9)
     if how == "exact" and wrapper == "ddp":
-        exact = _exact_reference(norm, micro)
+        exact = _exact_reference(norm, micro, learned)
         for k in exact:
             assert torch.equal(got[0][k], exact[k]), k
 
@@ -268,7 +280,9 @@ def test_gradients_equal_one_process(results, name):
     ("ddp-float-traced", "ddp-autograd-compiled"),
     ("ddp-float-traced-bn", "ddp-autograd-compiled"),
     ("fsdp-float-traced", "fsdp-autograd-compiled"),
-    ("fsdp-net-float-traced-bn", "fsdp-net-autograd-compiled-bn")])
+    ("fsdp-net-float-traced-bn", "fsdp-net-autograd-compiled-bn"),
+    ("ddp-float-traced-learned", "ddp-autograd-compiled"),
+    ("fsdp-float-traced-learned", "fsdp-autograd-compiled")])
 def test_traced_backward_under_ddp_and_fsdp_breaks_no_graph(results, name, peer):
     """torch.compile of the DDP or FSDP model with mode.traceable: the graph breaks are the
     wrapper's own (DDP's logging, FSDP's hooks), as many as with plain autograd; the opaque

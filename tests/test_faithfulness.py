@@ -86,6 +86,30 @@ def test_gamma_changed_between_forward_and_backward(how):
     assert_lists_close(g, grads(ref, [x], list(ref.parameters())), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", [mode.MomentumResNet, mode.MRevNet])
+@pytest.mark.parametrize("how", STRATEGIES, ids=IDS)
+def test_gamma_tensor_swapped_between_two_forwards_before_one_backward(arch, how):
+    """What FSDP2 does at each forward: the learned gamma's Parameter is replaced by another
+    tensor. The steps are pointed at the new one (not rebuilt, which inside a torch.compile
+    trace breaks the graph), and a backward pending from the earlier forward still uses the
+    gamma it ran with: gradients are those of the two autograd models, gammas included."""
+    torch.manual_seed(0)
+    fs = [mlp() for _ in range(4)]
+    a, b = (nn.Parameter(torch.tensor(g, dtype=torch.float64)) for g in (0.6, 0.8))
+    x1, x2 = x_of(seed=1), x_of(seed=2)
+    net = arch(fs, a, **how)
+    steps = list(net.chain())
+    out = net(x1).pow(2).sum()
+    net.gamma = b
+    out = out + net(x2).pow(2).sum()
+    assert all(s is t for s, t in zip(net.chain(), steps)) and steps[0].gamma is b
+    params = [a, b, *net.functions.parameters()]
+    got = torch.autograd.grad(out, [x1, x2, *params])
+    one, two = arch(fs, a, reversible=False), arch(fs, b, reversible=False)
+    want = torch.autograd.grad(one(x1).pow(2).sum() + two(x2).pow(2).sum(), [x1, x2, *params])
+    assert_lists_close(got, want, rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("how", STRATEGIES, ids=IDS)
 def test_parameter_hook_fires_once_on_the_total_gradient(how):
     torch.manual_seed(0)

@@ -63,6 +63,7 @@ from .base import (
     _as_modules,
     _check_flags,
     _check_learned_gamma,
+    _rebind_gamma,
     _same_objects,
 )
 
@@ -752,6 +753,12 @@ class MRevNet(_CoupledNet):
 
     def _build(self) -> list[ReversibleStep]:
         return [MRevStep(f, self.gamma) for f in self.functions]
+
+    def chain(self) -> list[ReversibleStep]:
+        key = self._key()
+        if _rebind_gamma(self._steps, key, self._steps_key):
+            self._steps_key = key
+        return super().chain()
 
     def _initial_pair(self, x0: torch.Tensor, v0: torch.Tensor | None):
         _check_input(x0, "x0")

@@ -22,6 +22,7 @@ from .base import (
     _as_modules,
     _check_flags,
     _check_learned_gamma,
+    _rebind_gamma,
     _same_objects,
 )
 
@@ -105,7 +106,9 @@ class MomentumResNet(ReversibleNet):
 
     def chain(self) -> list[MomentumStep]:
         key = (self.gamma, *self.functions)
-        if not _same_objects(key, self._steps_key):
+        if _rebind_gamma(self._steps, key, self._steps_key):
+            self._steps_key = key
+        elif not _same_objects(key, self._steps_key):
             # The steps are views over the registered functions and gamma, not submodules:
             # the parameters and state_dict keys stay those of ``functions``.
             self._steps = [MomentumStep(f, self.gamma) for f in self.functions]
