@@ -46,7 +46,9 @@ network out of ``traceable``, where the opaque engine replays RNG states. Forwar
 twice, in the forward and in the backward's evaluation of ``phi`` (as in the opaque engine and
 ``torch.utils.checkpoint``); one that changes Python state (appends to a list) is a side effect
 dynamo refuses inside the chain: with ``fullgraph=True`` dynamo raises, else the chain runs
-eagerly, with the same gradients.
+eagerly, with the same gradients. A residual function that installs saved-tensor hooks
+(``torch.utils.checkpoint``) cannot run inside ``torch.func.vjp``: the compilation raises,
+with that reason.
 
 Dynamo shares compiled frames among every ``torch.compile`` of the same code: in a process that
 compiled the same model structure without ``traceable``, a traceable copy may reuse those
@@ -363,6 +365,13 @@ def _backward_coupling(program: _Program, st: _Step, c: Coupling, tensors, buffe
     return out
 
 
+_NO_SAVED_TENSOR_HOOKS = (
+    "mode.traceable: a residual function installs saved-tensor hooks (torch.utils.checkpoint, "
+    "save_on_cpu), which torch.func.vjp in the traced backward cannot run. The reversible "
+    "backward already recomputes f, so drop the checkpoint inside it; or leave this network "
+    "out of mode.traceable (the opaque engine runs them)")
+
+
 def _scaled_phi(program: _Program, st: _Step, c: Coupling, buffers, args, slots):
     """``(other, *params, *tensor_args[, scale]) -> scale phi(other, *args)`` (``scale`` a
     primal where it is a tensor), evaluated with the step's parameters ``params``, copies of
@@ -378,7 +387,8 @@ def _scaled_phi(program: _Program, st: _Step, c: Coupling, buffers, args, slots)
         values = dict(zip(names, primals[:n]))
         values.update((name, b.clone()) for name, b in zip(st.buffers, buffers))
         scale = primals[-1] if tensor_scale else c.scale
-        with _reparametrize_module(st.module, values):
+        with _reparametrize_module(st.module, values), \
+                torch.autograd.graph.disable_saved_tensors_hooks(_NO_SAVED_TENSOR_HOOKS):
             return _under(program.autocast, scaled_phi, c, other, tuple(own), scale)
 
     return fn

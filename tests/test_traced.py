@@ -264,6 +264,38 @@ def test_what_cannot_be_traced_is_named_and_still_exact_without_fullgraph(case, 
     assert _close(got, want, 1e-9 if case == "exact" else 1e-12)
 
 
+class Checkpointed(nn.Module):
+    """``f(x) = tanh(W x + b)`` under non-reentrant ``torch.utils.checkpoint``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(D, D)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(lambda y: torch.tanh(self.layer(y)), x,
+                                                 use_reentrant=False)
+
+
+def test_checkpoint_inside_f_is_refused_with_the_reason():
+    """torch.utils.checkpoint inside a residual function installs saved-tensor hooks, which
+    torch.func.vjp in the traced backward cannot run: mode names the cause and the way out
+    (torch's own message names neither); without traceable the opaque engine runs it and gives
+    autograd's gradients."""
+    def build(reversible, trace):
+        torch.manual_seed(0)
+        net = mode.MomentumResNet([Checkpointed() for _ in range(3)], GAMMA,
+                                  reversible=reversible).to(DT)
+        mode.traceable(net, trace)
+        return net
+
+    with pytest.raises(RuntimeError, match="installs saved-tensor hooks"):
+        torch.compile(build(True, True), backend=Counting())(_x()).sum().backward()
+    dynamo.reset()
+    model = build(True, False)
+    assert _close(_grads(torch.compile(model, backend=Counting()), _x()),
+                  _grads(build(False, False), _x()))
+
+
 _NORMS = {
     "orthogonal": nn.utils.parametrizations.orthogonal,
     "weight_norm": nn.utils.parametrizations.weight_norm,
