@@ -1615,8 +1615,30 @@ def _compile_options(compile) -> dict | None:
     raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
 
 
+def _hooked(phi) -> bool:
+    """Whether module hooks (forward, forward pre, backward, backward pre) run around ``phi``:
+    on a module of the one owning it (``phi`` itself or the module of a bound method), or
+    registered for every module. Such a function is not compiled: functions of one
+    structure share their graphs and dynamo does not guard on hooks
+    (``skip_nnmodule_hook_guards``), so a hooked function would run another's graph without
+    its hooks (a hook that changes the output: wrong gradients), and dynamo refuses backward
+    hooks without compiled autograd."""
+    from torch.nn.modules import module as m
+
+    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks):
+        return True
+    owner = phi if isinstance(phi, nn.Module) else getattr(phi, "__self__", None)
+    if not isinstance(owner, nn.Module):
+        return False
+    return any(q._forward_hooks or q._forward_pre_hooks or q._backward_hooks
+               or q._backward_pre_hooks for q in owner.modules())
+
+
 def _compiled_coupling(c: Coupling, options: dict) -> Coupling:
-    if c.phi is None or isinstance(c.phi, _CompiledPhi):
+    """``c`` with its residual function run through :func:`compiled_function`, unless it has
+    none, is compiled already, or runs module hooks (:func:`_hooked`: it stays eager)."""
+    if c.phi is None or isinstance(c.phi, _CompiledPhi) or _hooked(c.phi):
         return c
     return c._replace(phi=_CompiledPhi(c.phi, options))
 

@@ -29,7 +29,8 @@ VJP would not see); scalar coefficients with ``eps(dtype) prod 1/|alpha|`` below
 numbers (Dropout, RReLU: the graph cannot replay the RNG); no module whose run assigns
 module attributes (the hooks of ``nn.utils.spectral_norm`` and ``nn.utils.weight_norm``,
 ``parametrizations.spectral_norm`` in training mode: dynamo refuses that side effect inside an
-``autograd.Function``). An ineligible chain runs through the opaque engine, which is faithful
+``autograd.Function``); no module backward hook (``torch.func.vjp`` cannot run it). An
+ineligible chain runs through the opaque engine, which is faithful
 in every case, and breaks the graph there; ``fullgraph=True`` then raises with the reason.
 
 Tensor coefficients (a learned gamma: ``alpha = gamma``, ``scale = 1 - gamma``) are the
@@ -165,6 +166,11 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
         return "a StepGrid makes its couplings per call; trace a list of steps"
     if _reparametrize_module is None:  # pragma: no cover - older torch
         return "this torch has no torch.nn.utils.stateless._reparametrize_module"
+    from torch.nn.modules import module as mod
+
+    if mod._global_backward_hooks or mod._global_backward_pre_hooks:
+        return ("a process-wide module backward hook, which torch.func.vjp in the traced "
+                "backward cannot run")
     for i, (step, cs) in enumerate(zip(steps, couplings)):
         modules = list(step.modules())
         for c in cs:
@@ -179,6 +185,10 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
             if _draws(m):
                 return (f"step {i}: {type(m).__name__} in training mode draws random numbers, "
                         f"which a traced graph cannot replay in the recomputation")
+            if m._backward_hooks or m._backward_pre_hooks:
+                return (f"step {i}: {type(m).__name__} has a module backward hook "
+                        f"(register_full_backward_hook), which torch.func.vjp in the traced "
+                        f"backward cannot run")
             what = _assigns(m)
             if what is not None:
                 return (f"step {i}: {what} assigns module attributes as it runs, which dynamo "

@@ -107,6 +107,44 @@ def test_a_changing_batch_size_recompiles_once_then_never(how):
     assert graphs[2:] == [graphs[2]] * (len(sizes) - 2), graphs
 
 
+@pytest.mark.parametrize("how", ["float", "exact"])
+def test_hooked_functions_run_eagerly_inside_the_compiled_engine(how):
+    """Functions of one structure share compiled graphs and dynamo does not guard on module
+    hooks: a function with hooks runs eagerly inside the engine (before, a forward hook that
+    doubles f's output was skipped in the recomputation: gradients off by 0.3, and a full
+    backward hook never fired). Gradients and hook calls are the eager engine's, bit for bit,
+    while the other functions still run compiled; a process-wide module hook keeps every
+    function eager."""
+    def run(compiled: bool, inner=None):
+        model = _model(how)
+        fs = model[1].functions
+        calls = []
+        fs[1].register_forward_hook(lambda m, i, out: 2 * out)
+        fs[1].register_full_backward_hook(lambda m, gi, go: calls.append("backward"))
+        fs[2][0].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+        if compiled:
+            mode.compile_functions(model, backend=inner)
+            model = torch.compile(model, backend=Counting())
+        return _step(model, _x()), calls
+
+    want, want_calls = run(False)
+    inner = Counting()
+    got, calls = run(True, inner)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert calls == want_calls and "backward" in calls and "pre" in calls
+    assert inner.graphs == FUNCTION_GRAPHS[how]  # the unhooked functions, compiled
+    dynamo.reset()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        inner = Counting()
+        model = _model(how)
+        mode.compile_functions(model, backend=inner)
+        assert all(torch.equal(a, b) for a, b in zip(_step(model, _x()), _eager(how, [_x()])[0]))
+        assert inner.graphs == 0
+    finally:
+        handle.remove()
+
+
 def test_functions_share_graphs_and_can_be_switched_off():
     """One graph per grad mode for all functions of one structure (not one per function);
     ``compile_functions(model, False)`` compiles nothing, even inside a compiled model."""

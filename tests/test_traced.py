@@ -264,6 +264,24 @@ def test_what_cannot_be_traced_is_named_and_still_exact_without_fullgraph(case, 
     assert _close(got, want, 1e-9 if case == "exact" else 1e-12)
 
 
+def test_a_module_backward_hook_is_named_and_still_autograd_without_fullgraph():
+    """A full backward hook on a residual function cannot run inside torch.func.vjp: the chain
+    keeps the opaque engine (fullgraph=True raises with the reason), which runs that function
+    eagerly: autograd's gradients, and the hook fires as under the eager engine."""
+    def hooked(reversible):
+        model = _momentum(4, reversible)
+        calls = []
+        model[1].functions[1].register_full_backward_hook(lambda m, gi, go: calls.append(1))
+        return model, calls
+
+    with pytest.raises(Exception, match="module backward hook"):
+        torch.compile(hooked(True)[0], backend=Counting(), fullgraph=True)(_x())
+    dynamo.reset()
+    (ref, ref_calls), (model, calls) = hooked(False), hooked(True)
+    assert _close(_grads(torch.compile(model, backend=Counting()), _x()), _grads(ref, _x()))
+    assert calls == ref_calls == [1]
+
+
 class Checkpointed(nn.Module):
     """``f(x) = tanh(W x + b)`` under non-reentrant ``torch.utils.checkpoint``."""
 
