@@ -17,7 +17,8 @@ Per (model, mode), three or four ways to run a forward+backward (loss: mean squa
   residual functions inside run compiled (the engine's default under torch.compile);
 - ``traced`` (float mode only, in a group of its own with its own ``eager`` reference, see
   :data:`GROUPS`): ``mode.traceable(model)`` and ``torch.compile(model, fullgraph=True)``:
-  forward and reversible backward in one graph (``mode.traced``).
+  forward and reversible backward in one graph (``mode.traced``); also in mode
+  ``float-learned``, float mode with gamma an ``nn.Parameter`` (eager and traced only).
 
 Reported: the median time of the interleaved rounds (after the compiling first call, which is
 reported apart as ``first call``), the ratio to ``eager``, and the gradients' relative error
@@ -51,7 +52,7 @@ import _measure as M  # noqa: E402
 import mode  # noqa: E402
 
 MODES = {"autograd": dict(reversible=False), "float": dict(reversible=True),
-         "exact": dict(exact=True)}
+         "float-learned": dict(reversible=True, learned=True), "exact": dict(exact=True)}
 WAYS = ("eager", "functions", "model")
 
 #: (gradient mode, ways) run together, each group after ``torch._dynamo.reset()``. ``traced``
@@ -59,7 +60,7 @@ WAYS = ("eager", "functions", "model")
 #: code, and after ``model`` had compiled the opaque engine's frames, a traceable copy reused
 #: them and ran the engine eagerly (measured: gradients bit-equal to eager, no new graph).
 GROUPS = (("autograd", WAYS), ("float", WAYS), ("float", ("eager", "traced")),
-          ("exact", WAYS))
+          ("float-learned", ("eager", "traced")), ("exact", WAYS))
 
 
 def mlp_model(depth: int) -> tuple[nn.Module, torch.Tensor]:
@@ -90,6 +91,10 @@ def with_mode(model: nn.Module, how: str) -> nn.Module:
         if isinstance(m, mode.MomentumResNet):
             m.reversible = MODES[how].get("reversible", True)
             m.exact = MODES[how].get("exact", False)
+            if MODES[how].get("learned"):  # gamma an nn.Parameter (the couplings' tensor alpha)
+                like = next(m.parameters())
+                m.gamma = nn.Parameter(torch.tensor(float(m.gamma), device=like.device,
+                                                    dtype=like.dtype))
     return model
 
 

@@ -201,7 +201,8 @@ def test_a_learned_gamma_is_traced_and_checked_in_the_graph(arch, device):
     def build(reversible):
         torch.manual_seed(0)
         fs = [_mlp(norm=True) for _ in range(12)]
-        net = arch(fs, nn.Parameter(torch.tensor(0.8)), reversible=reversible)
+        net = arch(fs, 0.8, reversible=reversible)
+        net.gamma = nn.Parameter(torch.tensor(0.8))  # assigned: the steps follow at once
         model = nn.Sequential(nn.Linear(D, D), net, nn.Linear(D, 1)).to(device, DT)
         mode.traceable(model)
         return model, Counting()

@@ -85,10 +85,12 @@ def _same_objects(a: tuple, b: tuple) -> bool:
 
 def _rebind_gamma(steps: list, key: tuple, old_key: tuple) -> bool:
     """Where only gamma's tensor changed (``key[0]``, checked at each call by
-    :func:`_check_learned_gamma`; FSDP2 swaps a parameter for its
-    unsharded copy at each forward), point the existing steps at it and return True: a
-    rebuild would create modules inside a torch.compile trace, which breaks the graph. A
-    pending backward is unaffected: the engine captured its couplings when its forward ran."""
+    :func:`_check_learned_gamma`; FSDP2 swaps a parameter for its unsharded copy at each
+    forward), point the existing steps at it and return True: a rebuild would create modules
+    inside a torch.compile trace, which breaks the graph. The networks call it when ``gamma``
+    is assigned (their ``__setattr__``, which FSDP2 also goes through), so that no step is
+    changed inside a trace either (dynamo refuses to read a module it saw mutated). A pending
+    backward is unaffected: the engine captured its couplings when its forward ran."""
     if (not steps or not isinstance(key[0], torch.Tensor) or _same_objects(key[:1], old_key[:1])
             or not _same_objects(key[1:], old_key[1:])):
         return False  # (a number is validated by the steps' constructor: rebuild)

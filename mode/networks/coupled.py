@@ -754,6 +754,11 @@ class MRevNet(_CoupledNet):
     def _build(self) -> list[ReversibleStep]:
         return [MRevStep(f, self.gamma) for f in self.functions]
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "gamma" and self.__dict__.get("_steps"):
+            self.chain()  # the steps follow now, not at the next call (inside a trace)
+
     def chain(self) -> list[ReversibleStep]:
         key = self._key()
         if _rebind_gamma(self._steps, key, self._steps_key):

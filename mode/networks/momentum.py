@@ -104,6 +104,11 @@ class MomentumResNet(ReversibleNet):
         # make torch.compile recompile the network at its second call
         self.chain()
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "gamma" and self.__dict__.get("_steps"):
+            self.chain()  # the steps follow now, not at the next call (inside a trace)
+
     def chain(self) -> list[MomentumStep]:
         key = (self.gamma, *self.functions)
         if _rebind_gamma(self._steps, key, self._steps_key):
