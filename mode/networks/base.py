@@ -189,8 +189,9 @@ def compile_functions(model: nn.Module, enabled: bool = True, **options) -> int:
     ``model`` (``MomentumResNet``, ``RevNet``, ..., converted stages) through ``torch.compile``
     (keyword ``options``, e.g. ``mode="max-autotune"``), in the forward pass, the backward's
     recomputation and ``inverse``. ``enabled=False`` never compiles them (not even inside a
-    compiled model). The model's modules, parameters and state_dict are unchanged. Returns the
-    number of networks set."""
+    compiled model). A function with module hooks runs eagerly (functions of one structure
+    share graphs, and dynamo does not guard on hooks). The model's modules, parameters and
+    state_dict are unchanged. Returns the number of networks set."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     setting = (options or True) if enabled else False
