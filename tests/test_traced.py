@@ -281,6 +281,16 @@ def test_a_module_backward_hook_is_named_and_still_autograd_without_fullgraph():
     (ref, ref_calls), (model, calls) = hooked(False), hooked(True)
     assert _close(_grads(torch.compile(model, backend=Counting()), _x()), _grads(ref, _x()))
     assert calls == ref_calls == [1]
+    dynamo.reset()
+    seen = []  # a process-wide backward hook: dynamo itself refuses fullgraph; without it
+    handle = nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: seen.append(m))
+    try:  # the chain keeps the opaque engine (traced, it would fail inside torch.func.vjp)
+        model = _momentum(4, True)
+        got = _grads(torch.compile(model, backend=Counting()), _x())
+        assert _close(got, _grads(_momentum(4, False), _x()))
+        assert any(m is f for m in seen for f in model[1].functions)
+    finally:
+        handle.remove()
 
 
 class Checkpointed(nn.Module):
