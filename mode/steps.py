@@ -67,7 +67,13 @@ class Coupling(NamedTuple):
 
 
 def _alpha_value(alpha: float | torch.Tensor) -> float:
-    return float(alpha.detach()) if isinstance(alpha, torch.Tensor) else float(alpha)
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise ValueError(
+                f"a coupling's alpha must be a number or a one-element tensor (one scalar for "
+                f"the whole state), got a tensor of shape {tuple(alpha.shape)}")
+        return float(alpha.detach())
+    return float(alpha)
 
 
 class ReversibleStep(nn.Module):

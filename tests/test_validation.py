@@ -289,3 +289,26 @@ def test_repr_of_the_other_networks():
     model = MomentumNeuralODE(Field(), 0.3, learn_eps=True, method="rk4")
     assert "eps=0.3 (learned), method='rk4'" in repr(model)
     assert "eps=0.3, method='rk4'" in repr(MomentumNeuralODE(Field(), 0.3, method="rk4"))
+
+
+def test_a_coupling_alpha_of_several_elements_is_refused_by_name():
+    """alpha multiplies the whole state: a per-channel tensor is refused with its shape, in the
+    eager engine and (falling back to it) under mode.traceable."""
+    from mode.steps import Coupling, ReversibleStep
+
+    class PerChannel(ReversibleStep):
+        def __init__(self):
+            super().__init__()
+            self.f, self.a = nn.Linear(4, 4), nn.Parameter(torch.full((4,), 0.9))
+
+        def couplings(self):
+            return (Coupling(1, self.a, 0, self.f), Coupling(0, 1.0, 1))
+
+    x, steps = torch.randn(2, 4), [PerChannel()]
+    with pytest.raises(ValueError, match=r"one-element tensor .* shape \(4,\)"):
+        mode.reversible.integrate(steps, (x, x.clone()))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"one-element tensor .* shape \(4,\)"):
+        torch.compile(lambda s0, s1: mode.reversible.integrate(steps, (s0, s1), traceable=True),
+                      backend="aot_eager")(x, x.clone())
+    torch._dynamo.reset()
