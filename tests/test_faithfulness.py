@@ -127,19 +127,26 @@ def test_parameter_hook_fires_once_on_the_total_gradient(how):
 
 
 @pytest.mark.parametrize("how", STRATEGIES, ids=IDS)
-def test_functional_call_fast_weights_after_an_earlier_backward(how):
+@pytest.mark.parametrize("learned", [False, True])
+def test_functional_call_fast_weights_after_an_earlier_backward(how, learned):
+    """Fast weights through functional_call (a learned gamma among them: functional_call swaps a
+    plain tensor in for the Parameter, and the steps follow it, then the Parameter again)."""
+    def gamma():
+        return nn.Parameter(torch.tensor(0.8, dtype=torch.float64)) if learned else 0.8
+
     torch.manual_seed(1)
     fs = [mlp() for _ in range(3)]
-    net = mode.MomentumResNet(fs, 0.8, **how)
-    ref = mode.MomentumResNet(copy.deepcopy(fs), 0.8, reversible=False)
+    net = mode.MomentumResNet(fs, gamma(), **how)
+    ref = mode.MomentumResNet(copy.deepcopy(fs), gamma(), reversible=False)
     x = x_of()
     net(x).sum().backward()  # an earlier step, as in a meta-learning loop
     out = {}
     for name, model in (("net", net), ("ref", ref)):
         fast = {n: p * 1.1 for n, p in model.named_parameters()}
         y = torch.func.functional_call(model, fast, (x,))
-        out[name] = torch.autograd.grad(y.pow(2).sum(), [x, *model.parameters()])
+        out[name] = torch.autograd.grad(y.pow(2).sum(), [x, *fast.values(), *model.parameters()])
     assert_lists_close(out["net"], out["ref"], rtol=1e-8, atol=1e-10)
+    assert all(step.gamma is net.gamma for step in net.chain())
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -94,7 +94,8 @@ def _rebind_gamma(steps: list, key: tuple, old_key: tuple) -> bool:
     if (not steps or not isinstance(key[0], torch.Tensor) or _same_objects(key[:1], old_key[:1])
             or not _same_objects(key[1:], old_key[1:])):
         return False  # (a number is validated by the steps' constructor: rebuild)
-    for step in steps:
+    for step in steps:  # as the steps' constructor: a Parameter registered, a tensor not
+        step._parameters.pop("gamma", None)  # (functional_call swaps in plain tensors)
         step.gamma = key[0]
     return True
 
