@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -234,6 +235,36 @@ def _refuse_functorch(tensors) -> None:
         )
 
 
+def _refuse_forward_ad(tensors) -> None:
+    """Refuse dual tensors (forward-mode AD): the chain's node has no jvp, and a tangent on a
+    parameter would be dropped silently (only tensors that require grad enter the node)."""
+    level = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    if level < 0:
+        return
+    unpack = torch.autograd.forward_ad.unpack_dual
+    if any(isinstance(t, torch.Tensor) and unpack(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            "forward-mode AD (dual tensors, torch.autograd.forward_ad, jacobian with "
+            "strategy='forward-mode') cannot run through the reversible engine, whose "
+            "derivative is a hand-written reverse-mode reconstruction; build the network with "
+            "reversible=False to use it")
+
+
+def _refuse_batched(*grads) -> None:
+    """Refuse batched gradients (``is_grads_batched=True``, ``jacobian(vectorize=True)``):
+    the backward updates gradients in place, which vmap cannot batch."""
+    ft = torch._C._functorch
+    tests = [getattr(ft, n) for n in ("is_batchedtensor", "is_legacy_batchedtensor")
+             if hasattr(ft, n)]
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if (active is not None and active()) or any(
+            g is not None and test(g) for g in grads for test in tests):
+        raise RuntimeError(
+            "batched gradients (torch.autograd.grad(..., is_grads_batched=True), "
+            "jacobian(vectorize=True)) cannot run through the reversible engine's backward; "
+            "loop over the grad outputs, or build the network with reversible=False")
+
+
 def _step_couplings(steps) -> list[tuple[Coupling, ...]] | None:
     """The couplings of every step of a list, captured now (a grid makes its own per time)."""
     if isinstance(steps, StepGrid):
@@ -314,6 +345,22 @@ def _walk(step: nn.Module) -> _Reads:
                 buffers.append((m, name))
         todo.extend(c for c in m._modules.values() if c is not None)
     return _Reads(tuple(modules), tuple(params), tuple(buffers))
+
+
+def _hook_signature(modules) -> tuple:
+    """The module hooks that run around the steps' functions: the handles' ids (unique, never
+    reused) of every forward, forward pre, backward and backward pre hook of ``modules`` and
+    of those registered for every module. The recomputation must run the forward's hooks."""
+    from torch.nn.modules import module as m
+
+    hooks = [tuple(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks,
+                                m._global_backward_pre_hooks, m._global_backward_hooks)]
+    for q in modules:
+        for d in (q._forward_pre_hooks, q._forward_hooks, q._backward_pre_hooks,
+                  q._backward_hooks):
+            if d:
+                hooks.append((id(q), tuple(d)))
+    return tuple(hooks)
 
 
 def _versions(tensors) -> tuple[int, ...] | None:
@@ -478,15 +525,51 @@ def _installed(plan: Plan, leaves: dict[int, torch.Tensor]):
     """The modules as the forward saw them: its parameters (as ``leaves``, or detached) and
     training flags; everything is put back after."""
     saved = []
+    with _exclusive(plan.modules):
+        try:
+            for m, name, p in plan.params:
+                saved.append((m, name, m._parameters[name]))
+                m._parameters[name] = leaves.get(id(p)) if id(p) in leaves else p.detach()
+            with _training_flags(plan.training):
+                yield
+        finally:
+            for m, name, p in reversed(saved):
+                m._parameters[name] = p
+
+
+# The modules inside an engine call (a forward, or a backward or inverse, which install the
+# forward's parameters and buffers into them), by id, with the thread running it and how
+# deeply (a network nested in a residual function runs inside its parent, on one thread).
+# Entries live only during the call. Another thread's forward or backward of the same modules
+# would read the installed tensors, or put them back in the wrong order: it is refused.
+_CONCURRENT = (
+    "inside a reversible forward or backward on another thread: the reversible backward "
+    "installs the forward's parameters and buffers into the modules while it runs, so one "
+    "network cannot run on two threads at once. Give each thread its own copy "
+    "(copy.deepcopy), serialize the calls, or use reversible=False")
+_owners: dict[int, list] = {}
+_owners_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(modules):
+    me = threading.get_ident()
+    with _owners_lock:
+        for m in modules:
+            entry = _owners.get(id(m))
+            if entry is not None and entry[0] != me:
+                raise RuntimeError(f"{type(m).__name__} is {_CONCURRENT}")
+        for m in modules:
+            _owners.setdefault(id(m), [me, 0])[1] += 1
     try:
-        for m, name, p in plan.params:
-            saved.append((m, name, m._parameters[name]))
-            m._parameters[name] = leaves.get(id(p)) if id(p) in leaves else p.detach()
-        with _training_flags(plan.training):
-            yield
+        yield
     finally:
-        for m, name, p in reversed(saved):
-            m._parameters[name] = p
+        with _owners_lock:
+            for m in modules:
+                entry = _owners[id(m)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _owners[id(m)]
 
 
 def _refuse_sharded_functions(modules) -> None:
@@ -598,6 +681,8 @@ class Plan:
         self.params = tuple(params)
         _refuse_sharded_functions(modules)
         self.training = tuple((m, m.training) for m in modules)
+        self.modules = tuple(modules)
+        self.hooks = _hook_signature(modules)
         self._index_tensors(steps, couplings, args)
         watched = {id(t): t for t in (*self.tensors, *(p for _, _, p in params))}
         watched.update((id(a), a) for a in args if isinstance(a, torch.Tensor))
@@ -693,16 +778,26 @@ class Plan:
         return self.steps.couplings(i) if self.couplings is None else self.couplings[i]
 
     def check_unmodified(self) -> None:
-        """Raise, as autograd does, if a tensor the forward read was modified in place."""
+        """Raise, as autograd does, if a tensor the forward read was modified in place; and if
+        the module hooks around the residual functions changed since the forward (autograd
+        keeps the forward's graph; a recomputation would run other hooks)."""
+        if _hook_signature(self.modules) != self.hooks:
+            raise RuntimeError(
+                "module hooks (forward, forward pre, backward or backward pre, on a module of "
+                "a residual function or registered for every module) were added or removed "
+                "between the reversible forward and its backward: the recomputation of f would "
+                "run other hooks than the forward did. Change hooks after backward, or use "
+                "reversible=False")
         if self.versions is None:
             return
         for t, v in zip(self.watched, self.versions):
             if t._version != v:
                 raise RuntimeError(
                     f"a tensor of shape {tuple(t.shape)} that the reversible forward read ("
-                    f"{self._describe(t)}) was modified in place after the forward (version "
-                    f"{v} -> {t._version}): its backward would recompute with other values. "
-                    f"Modify it after backward, or use reversible=False"
+                    f"{self._describe(t)}) was modified in place during or after the forward "
+                    f"(version {v} -> {t._version}): its backward would recompute with other "
+                    f"values. Modify it after backward and not inside a residual function, or "
+                    f"use reversible=False"
                 )
         for ref, v in self.inputs:
             t = ref()
@@ -769,13 +864,48 @@ def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Ten
     return s
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """``x._version``, or ``None`` for an inference tensor (which has no version counter)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
+def _unchanged_input(c: Coupling, x: torch.Tensor, version: int | None) -> None:
+    """Refuse a residual function that modified its input ``x`` in place: the coupling's
+    ``s[o]`` must be what it read, else no reversal (float or exact) recovers ``s[t]``."""
+    if version is not None and x._version != version:
+        phi = c.phi.phi if isinstance(c.phi, _CompiledPhi) else c.phi
+        name = type(phi).__name__ if isinstance(phi, nn.Module) else getattr(
+            phi, "__qualname__", type(phi).__name__)
+        raise RuntimeError(
+            f"the residual function {name} modified its input in place (version {version} -> "
+            f"{x._version}; an in-place operation such as x.mul_() or nn.ReLU(inplace=True) "
+            f"applied to the input itself): a reversible coupling s[t] <- a s[t] + phi(s[o]) "
+            f"needs s[o] unchanged to reconstruct s[t]. Use an out-of-place operation on the "
+            f"input (in place on intermediate results is fine), or reversible=False"
+        )
+
+
 def _float_couplings(args):
     def run(couplings, s):
         for c in couplings:
+            other = s[1 - c.target]
+            version = _version(other) if c.phi is not None else None
             s[c.target] = coupling_update(c, s, args)
+            _unchanged_input(c, other, version)
         return s
 
     return run
+
+
+def _phi_of(c: Coupling, x: torch.Tensor, args) -> torch.Tensor:
+    """``scale phi(x, *args)``, refusing a function that modifies ``x`` in place."""
+    version = _version(x)
+    p = scaled_phi(c, x, args)
+    _unchanged_input(c, x, version)
+    return p
 
 
 def _exact_couplings(plan: Plan, dtype):
@@ -801,7 +931,7 @@ def _exact_couplings(plan: Plan, dtype):
                 # one compiled loop for the scaling, the push, the shift and the quantized
                 # phi (mode.fused): the same bits as the eager arithmetic below
                 if c.phi is not None:
-                    p = scaled_phi(c, fps[o].decode(q[o], dtype), args).detach()
+                    p = _phi_of(c, fps[o].decode(q[o], dtype), args).detach()
                 bounds = fused.scale_push_add(new, buf, e.mult, p, q[o] if e.shift else None,
                                               e.shift, fps[t].scale)
                 if bounds is not None:
@@ -815,7 +945,7 @@ def _exact_couplings(plan: Plan, dtype):
                 new.add_(fps[t].round_shift(q[o], e.shift_rounded, e.shift_bits))
             if c.phi is not None:
                 if p is None:
-                    p = scaled_phi(c, fps[o].decode(q[o], dtype), args)
+                    p = _phi_of(c, fps[o].decode(q[o], dtype), args)
                 # quantized unchecked: a huge or non-finite p makes the new state fail the check
                 into = None
                 if new.dtype == torch.float64 and p.dtype != torch.float64:
@@ -1156,6 +1286,19 @@ def _graph_task() -> int | None:
     return task() if task is not None else None
 
 
+def _read_output(plan: Plan) -> int | None:
+    """Which of the chain's two outputs its last coupling reads (so that the other output
+    depends on it, as autograd's graph would record), or ``None``."""
+    n = len(plan)
+    if n == 0 or not plan.couplings_of(n - 1):
+        return None
+    c = plan.couplings_of(n - 1)[-1]
+    if c.phi is None and not c.shift:
+        return None
+    o = 1 - c.target
+    return 1 - o if plan.step(n - 1).swap else o
+
+
 class _Handoff(torch.autograd.Function):
     """The node after the chain: ``(y0, y1) -> (y0, y1)``, marked as modified in place, so the
     user receives the chain's own output tensors.
@@ -1175,14 +1318,37 @@ class _Handoff(torch.autograd.Function):
         tensors, plan.pending, plan._held = plan.pending, None, None
         ctx.mark_dirty(y0, y1)
         ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)  # None: an output nothing used (see the chain's)
         ctx.plan = plan
+        ctx.outputs = (weakref.ref(y0), weakref.ref(y1))
         plan.saved_by = weakref.ref(ctx)
         return y0, y1
 
     @staticmethod
     def backward(ctx, g0, g1):
         plan = ctx.plan
-        plan.handoff = (_graph_task(), ctx.saved_tensors)
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise
+            raise RuntimeError(
+                "an output of a reversible float forward was modified in place before the "
+                "backward (y.add_(), y.zero_(), an in-place op on the returned pair): float "
+                "mode reconstructs every state from that output, so it must keep its value. "
+                "Use an out-of-place operation (y = y + 1), exact=True (which keeps its own "
+                "fixed-point copy), or reversible=False") from None
+        read = _read_output(plan)
+        if read is not None and (g0, g1)[1 - read] is not None:
+            y = ctx.outputs[read]()
+            if y is not None and (y._backward_hooks or y.retains_grad):
+                raise RuntimeError(
+                    "a hook or retain_grad() on an output of the reversible chain that its last "
+                    "coupling reads (v_N of a MomentumResNet's return_velocity): under autograd "
+                    "it would see that output's total gradient, including the path through the "
+                    "other output, which the reversible node does not form. Hook the other "
+                    "output, the loss or the parameters, or use reversible=False")
+        plan.handoff = (_graph_task(), saved)
         return (None, None if g0 is None else g0.clone(), None if g1 is None else g1.clone())
 
 
@@ -1195,6 +1361,14 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Plan, s0, s1, *tensors):
+        with _exclusive(plan.modules):
+            if not all(m._parameters.get(name) is p for m, name, p in plan.params):
+                # the plan read the tensors another thread's backward had installed
+                raise RuntimeError(f"a module of this network was {_CONCURRENT}")
+            return _ReversibleFunction._run(ctx, plan, s0, s1)
+
+    @staticmethod
+    def _run(ctx, plan: Plan, s0, s1):
         dtype = s0.dtype
         if plan.exact is None:
             out = _forward(plan, [s0, s1], _float_couplings(plan.args))
@@ -1213,6 +1387,7 @@ class _ReversibleFunction(torch.autograd.Function):
             plan.hold(q, meta, buffer_tensors)
             out = [fps[0].decode(q[0], dtype), fps[1].decode(q[1], dtype)]
         ctx.plan, ctx.dtype = plan, dtype
+        ctx.set_materialize_grads(False)  # None: an output nothing used (see backward)
         return out[0], out[1]
 
     @staticmethod
@@ -1223,59 +1398,72 @@ class _ReversibleFunction(torch.autograd.Function):
                 "reconstruction, not a differentiable graph (create_graph=True, double "
                 "backward, Hessian-vector products). Build the network with reversible=False"
             )
-        plan, dtype = ctx.plan, ctx.dtype
-        plan.check_unmodified()
-        saved = plan.take_handoff()
-        s = list(saved[:2])  # the handed-over pair: never written (see foreign below)
-        shape, device = s[0].shape, s[0].device
-        # The gradients are this backward's own (the handoff node cloned them): they are
-        # updated in place, so that no second copy of the pair lives beside them.
-        g = [
-            g0 if g0 is not None else torch.zeros(shape, dtype=dtype, device=device),
-            g1 if g1 is not None else torch.zeros(shape, dtype=dtype, device=device),
-        ]
-        # Fresh leaves for what receives gradients, so that each VJP stops at them and the
-        # tensors' own hooks fire once, on the total that this function returns.
-        leaves = {id(t): t.detach().requires_grad_(True) for t in ctx.plan.tensors}
-        args = tuple(leaves.get(id(a), a) if isinstance(a, torch.Tensor) else a
-                     for a in plan.args)
-        inputs_of = [leaves[id(t)] for t in plan.tensors]
-        grads: list[torch.Tensor | None] = [None] * len(inputs_of)
-        exact = plan.exact
-        buf = InformationBuffer.cursor(plan.buffer_meta, saved[2:]) if exact is not None else None
-        del saved
-        couple = _backward_coupling if exact is None else _backward_coupling_exact
-        # the handed-over states are the handoff node's (saved, with retain_graph): never
-        # written; every later state is this backward's own and is updated in place
-        foreign = {id(s[0]), id(s[1])}
-        rows = [] if exact is not None and plan.fingerprints is not None else None
-        checked: set[int] = set()
-        with _replay_autocast(plan.autocast), _installed(plan, leaves):
-            for i in range(len(plan) - 1, -1, -1):
-                step = plan.step(i)
-                idx = plan.grad_index[i]
-                if step.swap:
-                    s, g = [s[1], s[0]], [g[1], g[0]]
-                if rows is not None:  # to locate a failed reconstruction (see _locate_rows)
-                    rows.append(plan.fingerprints.sample(s))
-                inputs = [inputs_of[j] for j in idx]
-                check = id(step) not in checked and not _closure_known(plan, step)
-                checked.add(id(step))
-                rng, snap = plan.rng[i], plan.snapshots[i]
-                replay = rng is not None or snap is not None
-                with _replay_rng(rng, plan.devices) if replay else contextlib.nullcontext(), \
-                        _replay_buffers(snap, None, False) if replay else contextlib.nullcontext():
-                    for c in reversed(plan.couplings_of(i)):
-                        couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
-                               dtype, check, foreign)
-        if exact is not None:  # raises before any gradient is returned
-            if rows is not None:
+        _refuse_batched(g0, g1)
+        # inference mode, where the caller runs backward inside it, would leave the
+        # recomputation without a graph (enable_grad does not lift it)
+        with torch.inference_mode(False):
+            return _chain_backward(ctx, g0, g1)
+
+
+def _chain_backward(ctx, g0, g1):
+    """The backward of :class:`_ReversibleFunction`: reconstruct the chain step by step in
+    reverse order and pull the gradients back through each coupling."""
+    plan, dtype = ctx.plan, ctx.dtype
+    plan.check_unmodified()
+    saved = plan.take_handoff()
+    s = list(saved[:2])  # the handed-over pair: never written (see foreign below)
+    shape, device = s[0].shape, s[0].device
+    # The gradients are this backward's own (the handoff node cloned them): they are
+    # updated in place, so that no second copy of the pair lives beside them.
+    g = [
+        torch.zeros(shape, dtype=dtype, device=device) if x is None
+        else x.clone() if x.is_inference() else x  # updated in place below
+        for x in (g0, g1)
+    ]
+    # A slot whose gradient is structurally zero (an output nothing used, as Z_N of a
+    # HamiltonianNet) until a coupling adds to it: autograd runs no node on that path, so
+    # its couplings are reconstructed only, and their parameters get no gradient (None,
+    # not zeros: weight decay and optimizer moments tell the two apart).
+    zero = [g0 is None, g1 is None]
+    # Fresh leaves for what receives gradients, so that each VJP stops at them and the
+    # tensors' own hooks fire once, on the total that this function returns.
+    leaves = {id(t): t.detach().requires_grad_(True) for t in ctx.plan.tensors}
+    args = tuple(leaves.get(id(a), a) if isinstance(a, torch.Tensor) else a
+                 for a in plan.args)
+    inputs_of = [leaves[id(t)] for t in plan.tensors]
+    grads: list[torch.Tensor | None] = [None] * len(inputs_of)
+    exact = plan.exact
+    buf = InformationBuffer.cursor(plan.buffer_meta, saved[2:]) if exact is not None else None
+    del saved
+    couple = _backward_coupling if exact is None else _backward_coupling_exact
+    # the handed-over states are the handoff node's (saved, with retain_graph): never
+    # written; every later state is this backward's own and is updated in place
+    foreign = {id(s[0]), id(s[1])}
+    rows = [] if exact is not None and plan.fingerprints is not None else None
+    with _replay_autocast(plan.autocast), _installed(plan, leaves):
+        for i in range(len(plan) - 1, -1, -1):
+            step = plan.step(i)
+            idx = plan.grad_index[i]
+            if step.swap:
+                s, g, zero = [s[1], s[0]], [g[1], g[0]], [zero[1], zero[0]]
+            if rows is not None:  # to locate a failed reconstruction (see _locate_rows)
                 rows.append(plan.fingerprints.sample(s))
-            _verify_reconstruction(plan, s, dtype, rows=rows)
-        for step_id in checked:
-            step = plan.reads[step_id].modules[0]
-            _closure_checked[step] = _closure_signature(plan, step)
-        return (None, g[0], g[1], *grads)
+            inputs = [inputs_of[j] for j in idx]
+            rng, snap = plan.rng[i], plan.snapshots[i]
+            replay = rng is not None or snap is not None
+            with _replay_rng(rng, plan.devices) if replay else contextlib.nullcontext(), \
+                    _replay_buffers(snap, None, False) if replay else contextlib.nullcontext():
+                for c in reversed(plan.couplings_of(i)):
+                    live = not zero[c.target]
+                    couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
+                           dtype, foreign, live)
+                    if live and (c.phi is not None or c.shift):
+                        zero[1 - c.target] = False
+    if exact is not None:  # raises before any gradient is returned
+        if rows is not None:
+            rows.append(plan.fingerprints.sample(s))
+        _verify_reconstruction(plan, s, dtype, rows=rows)
+    return (None, None if zero[0] else g[0], None if zero[1] else g[1], *grads)
 
 
 def _leaf(x, leaves: dict):
@@ -1283,27 +1471,22 @@ def _leaf(x, leaves: dict):
     return leaves.get(id(x), x) if isinstance(x, torch.Tensor) else x
 
 
-# Steps whose residual functions were found to use no unregistered trainable tensor, with the
-# parameters they read then: walking each function's graph costs ~5% of a backward pass. An
-# entry holds only when the step reads the very same parameters; it is a diagnostic, and no
-# result depends on it.
-_closure_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _closure_signature(plan: Plan, step) -> tuple[int, ...]:
-    return tuple(id(p) for _, _, p in plan.reads[id(step)].params)
-
-
-def _closure_known(plan: Plan, step) -> bool:
-    return _closure_checked.get(step) == _closure_signature(plan, step)
-
-
-def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor]) -> None:
-    """Raise if ``out`` depends on a trainable leaf the engine does not know about.
+def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor],
+                   other: torch.Tensor) -> None:
+    """Raise if ``out`` depends on a trainable leaf the engine does not know about, or if the
+    residual function registered a hook on its input ``other``.
 
     Such a tensor (a parameter of a residual function that is not a submodule of the step,
-    say) would silently receive no gradient in reversible mode.
+    say) would silently receive no gradient in reversible mode. A hook on the input would act
+    on phi's share of the state's gradient only, where autograd hands it the total.
     """
+    if other._backward_hooks:
+        raise RuntimeError(
+            f"a residual function of {type(step).__name__} registered a hook on its input "
+            f"(x.register_hook): autograd would call it with the total gradient of the state, "
+            f"which the reversible backward does not form at that point (it would see phi's "
+            f"share only). Register the hook on the network's input or output, or use "
+            f"reversible=False")
     if out.grad_fn is None:
         return
     stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
@@ -1316,23 +1499,28 @@ def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor]) -> None:
         seen.add(id(fn))
         var = getattr(fn, "variable", None)
         if var is not None and id(var) not in known_ids:
+            what = ("an nn.Parameter that is not registered in the step (a parameter of "
+                    "another module, reached through a list, a closure or a bound method)"
+                    if isinstance(var, nn.Parameter) else
+                    "neither a parameter of the step, nor an argument, nor its alpha")
             raise ValueError(
                 f"a residual function of {type(step).__name__} uses a trainable tensor of shape "
-                f"{tuple(var.shape)} that is neither a parameter of the step, nor an argument, "
-                f"nor its alpha: in reversible mode it would receive no gradient. Register it "
-                f"(make the function an nn.Module holding it) or use reversible=False."
+                f"{tuple(var.shape)} that is {what}: in reversible mode it would receive no "
+                f"gradient. Register it (make the function an nn.Module holding it, as a "
+                f"submodule of the step) or use reversible=False."
             )
         todo.extend(f for f, _ in fn.next_functions)
 
 
 def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
-                       check, foreign):
+                       foreign, grad=True):
     """Reconstruct the target slot before coupling ``c`` and propagate gradients through it
-    (float mode)."""
+    (float mode). ``grad=False``: ``g[t]`` is structurally zero (it comes from an output that
+    nothing used), so autograd would run nothing here: reconstruct only."""
     t, o = c.target, 1 - c.target
     a = _alpha_value(c.alpha)
     alpha = _leaf(c.alpha, leaves)
-    alpha_grad = isinstance(alpha, torch.Tensor) and alpha.requires_grad
+    alpha_grad = grad and isinstance(alpha, torch.Tensor) and alpha.requires_grad
     own = id(s[t]) not in foreign  # a state of this backward's own: updated in place
     if c.phi is None and not alpha_grad:
         # s[t] <- a s[t] + shift s[o]: linear, no autograd needed.
@@ -1343,14 +1531,17 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         if a != 1.0:
             prev = prev.div_(a) if own else prev / a
         s[t] = prev
-        _linear_grads(c, g, t, o, a)
+        if grad:
+            _linear_grads(c, g, t, o, a)
         return
-    other = s[o].detach().requires_grad_(True)
-    with torch.enable_grad():
+    other = s[o].detach().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
         p = scaled_phi(c, other, args, _leaf(c.scale, leaves)) if c.phi is not None else None
-    if p is not None and check:
-        _check_closure(step, p, [other, *inputs])
-    if not alpha_grad:
+    if p is not None and grad:
+        _check_closure(step, p, [other, *inputs], other)
+    if not grad:
+        pass
+    elif not alpha_grad:
         # The VJP first: phi's graph and its temporaries are freed before the reconstructed
         # state exists (the reconstruction needs only the detached p).
         _vjp(c, alpha, g, t, o, a, p, None, other, inputs, idx, grads, False)
@@ -1413,7 +1604,7 @@ def _undo_exact(e: _ExactCoupling, fps, q: list, p: list, buf: InformationBuffer
 
 
 def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf, dtype,
-                             check, foreign):
+                             foreign, grad=True):
     """As :func:`_backward_coupling` on fixed-point integers: the reconstruction pops the
     information buffer and is bit-identical to the forward state.
 
@@ -1424,28 +1615,32 @@ def _backward_coupling_exact(plan, step, c, s, g, args, inputs, idx, grads, leav
     fps = plan.exact
     e = _compile_exact(c, fps, plan.compiled)
     t, o = e.t, e.o
+    alpha_grad = grad and e.alpha_grad
     p = None
-    if c.phi is not None or e.alpha_grad:
+    if not grad:
+        if c.phi is not None:
+            with torch.no_grad():
+                p = scaled_phi(c, fps[o].decode(s[o], dtype), args, _leaf(c.scale, leaves))
+    elif c.phi is not None or alpha_grad:
         other = fps[o].decode(s[o], dtype).requires_grad_(True)
         if c.phi is not None:
             with torch.enable_grad():
                 p = scaled_phi(c, other, args, _leaf(c.scale, leaves))
-            if check:
-                _check_closure(step, p, [other, *inputs])
+            _check_closure(step, p, [other, *inputs], other)
         alpha = _leaf(c.alpha, leaves)
-        if not e.alpha_grad:
+        if not alpha_grad:
             _vjp(c, alpha, g, t, o, e.a, p, None, other, inputs, idx, grads, False)
             del other
     # after the VJP p is dead (its graph freed): quantized in its own storage when scaled
     terms = [p] if p is not None else []
-    if not e.alpha_grad:
+    if not alpha_grad:
         del p
     s[t] = _undo_exact(e, fps, s, terms, buf, own=id(s[t]) not in foreign,
-                       overwrite=_scaled(c) and not e.alpha_grad)
-    if e.alpha_grad:  # d/d alpha reads the reconstructed state
+                       overwrite=_scaled(c) and not alpha_grad)
+    if alpha_grad:  # d/d alpha reads the reconstructed state
         prev = fps[t].decode(s[t], dtype)
         _vjp(c, alpha, g, t, o, e.a, p, prev, other, inputs, idx, grads, True)
-    elif c.phi is None:
+    elif c.phi is None and grad:
         _linear_grads(c, g, t, o, e.a)
 
 
@@ -1462,12 +1657,21 @@ def _grad(outputs: list, inputs: list, grad_outputs: list) -> tuple:
     has its output's shape and dtype), so the public wrapper's validation, about 15 us per
     call and 2% of a reversible backward pass, is skipped where torch exposes the engine call.
     """
-    if _engine_run_backward is None:  # pragma: no cover
-        return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-    return _engine_run_backward(
-        tuple(outputs), tuple(grad_outputs), False, False, tuple(inputs), True,
-        accumulate_grad=False,
-    )
+    try:
+        if _engine_run_backward is None:  # pragma: no cover
+            return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+        return _engine_run_backward(
+            tuple(outputs), tuple(grad_outputs), False, False, tuple(inputs), True,
+            accumulate_grad=False,
+        )
+    except RuntimeError as e:
+        if "use_reentrant=True" not in str(e):
+            raise
+        raise RuntimeError(
+            "a residual function runs torch.utils.checkpoint with use_reentrant=True, which "
+            "cannot run inside the reversible backward (it differentiates each function with "
+            "torch.autograd.grad). The reversible backward recomputes f anyway: drop the "
+            "checkpoint, or use use_reentrant=False") from None
 
 
 def _linear_grads(c, g, t, o, a) -> None:
@@ -1488,21 +1692,23 @@ def _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -
     (plus the linear shift term), accumulated into ``g`` (in place) and ``grads``."""
     gt = g[t]
     outputs, grad_outputs = [], []
-    if p is not None:
+    if p is not None and p.requires_grad:  # else phi is constant here: it adds no gradient
         outputs.append(p)
         grad_outputs.append(gt if p.dtype == gt.dtype else gt.to(p.dtype))
     if alpha_grad:
         outputs.append(alpha)
         grad_outputs.append((prev * gt).sum().reshape(alpha.shape).to(alpha.dtype))
-    vjp = _grad(outputs, [other, *inputs], grad_outputs)
+    vjp = _grad(outputs, [other, *inputs], grad_outputs) if outputs else \
+        (None,) * (1 + len(inputs))
     if c.shift:
         g[o].add_(gt, alpha=c.shift)
     if vjp[0] is not None:
         g[o].add_(vjp[0])
     new = vjp[1:]
-    if a != 1.0 and any(v is not None for v in new):
+    if any(v is not None for v in new):
         # A parameter's gradient may be the grad output itself (phi(x) = x + b, b of x's
-        # shape): it must not change when g[t] is scaled in place below.
+        # shape): it must not change when g[t] is updated in place, scaled below or added to
+        # by a later coupling (alpha = 1 too: RevNet's halves).
         own = _storage(gt)
         new = [v.clone() if v is not None and _storage(v) == own else v for v in new]
     _accumulate(grads, idx, new)
@@ -1783,7 +1989,7 @@ def _prepare_opaque() -> None:
 def _refuse_tracing(reason: str) -> None:
     """Break the graph before the opaque engine, saying why: ``fullgraph=True`` raises with
     ``reason``."""
-    sys.modules["torch._dynamo"].graph_break(f"{reason}")  # a constant for dynamo to print
+    sys.modules["torch._dynamo"].graph_break(msg=f"{reason}")  # a constant for dynamo to print
 
 
 def _integrate_reversible(how, steps, s0, s1, args, options) -> State:
@@ -1799,6 +2005,7 @@ def _integrate_reversible(how, steps, s0, s1, args, options) -> State:
         _warn_amplification(runs, s0.dtype)
     fps = fixed_points(how.frac_bits, s0.dtype) if how.exact else None
     plan = Plan(steps, couplings, args, fps, how, s0, s1)
+    _refuse_forward_ad((s0, s1, *args, *(t for _, _, t in plan.params), *plan.tensors))
     out = _ReversibleFunction.apply(plan, s0, s1, *plan.tensors)
     if out[0].grad_fn is not None:
         out = _Handoff.apply(plan, *out)

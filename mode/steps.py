@@ -105,6 +105,11 @@ def _check_phi_output(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             f"a residual function changed the shape of its input: {tuple(like.shape)} -> "
             f"{tuple(out.shape)}; residual functions must map x to a tensor of x's shape"
         )
+    if out.is_complex() and not like.is_complex():
+        raise TypeError(
+            f"a residual function returned a {out.dtype} tensor for a real {like.dtype} state; "
+            f"a coupling adds it to the state, so it must be real (take .real or .abs())"
+        )
     return out
 
 

@@ -97,7 +97,7 @@ def test_output_modified_in_place_is_refused_at_backward_in_float_mode():
     with torch.no_grad():
         out.mul_(2)
     assert out._base is None
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="modified in place before the backward"):
         loss.backward()
 
 
