@@ -135,9 +135,11 @@ def _frozen_running_stats(module: nn.Module):
                     b.copy_(value)
 
 
+@torch._disable_dynamo  # dynamo cannot trace checkpoint's context_fn: a graph break, eager
 def _recomputed(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """``block(x, *args, **kwargs)``, keeping only its inputs for the backward pass, which runs
-    it again (same RNG state, frozen running statistics) to back-propagate through it."""
+    it again (same RNG state, frozen running statistics) to back-propagate through it. Under
+    ``torch.compile`` it runs eagerly (dynamo cannot trace ``context_fn``)."""
     return checkpoint(block, x, *args, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: (nullcontext(), _frozen_running_stats(block)), **kwargs)
 

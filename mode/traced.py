@@ -109,13 +109,33 @@ def _assigns(m: nn.Module) -> str | None:
 
 class _Step(NamedTuple):
     """One step of the traced chain: its module, the names of its parameters with their index
-    in the chain's tensors, the names of its buffers, and its couplings as the forward made
-    them (a tensor coefficient replaced by its :class:`_Arg`)."""
+    in the chain's tensors, the names of the buffers whose values the forward saves for the
+    recomputation, ``(name, shape, dtype)`` of those it only writes (a norm layer's running
+    statistics in training: the recomputation writes into fresh tensors), and its couplings as
+    the forward made them (a tensor coefficient replaced by its :class:`_Arg`)."""
 
     module: ReversibleStep
     params: tuple[tuple[str, int], ...]
     buffers: tuple[str, ...]
+    scratch: tuple[tuple[str, torch.Size, torch.dtype], ...]
     couplings: tuple[Coupling, ...]
+
+
+def _batch_statistics(m: nn.Module) -> bool:
+    """A BatchNorm or InstanceNorm layer in training mode: it normalizes with the batch's
+    statistics and only writes its running statistics (its output never reads them)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    return m.training and isinstance(m, (_BatchNorm, _InstanceNorm))
+
+
+def _reads_buffers_only(m: nn.Module) -> bool:
+    """A module whose forward reads its buffers and never writes them, in any mode: the
+    orthogonal parametrization's ``base``."""
+    from torch.nn.utils.parametrizations import _Orthogonal
+
+    return isinstance(m, _Orthogonal)
 
 
 class _Program(NamedTuple):
@@ -193,6 +213,12 @@ def refusal(steps, couplings: Sequence[Sequence[Coupling]] | None, dtype: torch.
             if what is not None:
                 return (f"step {i}: {what} assigns module attributes as it runs, which dynamo "
                         f"cannot trace inside the chain's autograd.Function")
+            if (m.training and any(b is not None for b in m._buffers.values())
+                    and not _batch_statistics(m) and not _reads_buffers_only(m)):
+                return (f"step {i}: {type(m).__name__} in training mode holds buffers, which "
+                        f"its forward may read and update; a compiled graph rebuilds the saved "
+                        f"copy of such a buffer from its updated value (AOTAutograd), so the "
+                        f"recomputation would not see what the forward saw")
     amp = math.exp(min(_float_log_amplification(couplings), 700.0))
     if torch.finfo(dtype).eps * amp > limit:
         return (f"float reversal amplifies rounding by prod(1/|alpha|) = {amp:.3g} (the engine "
@@ -234,10 +260,11 @@ def _check_tensor_amplification(couplings, dtype: torch.dtype, limit: float) -> 
     for a in alphas:
         log = log - torch.log(torch.abs(a.to(torch.float32)))  # (no float64 on every device)
     ok = torch.finfo(dtype).eps * torch.exp(log) <= limit  # False for NaN, alpha = 0: inf
+    # (no number formatted here: under dynamic=True dynamo makes ``limit`` symbolic)
     assert_in_graph(
         ok,
         f"mode.traceable: float reversal of this chain amplifies {dtype} rounding by "
-        f"prod(1/|alpha|) > {limit / torch.finfo(dtype).eps:.3g} (the tensor coefficients, a "
+        f"prod(1/|alpha|) > mode.reversible.AMPLIFICATION_WARN / eps (the tensor coefficients, a "
         f"learned gamma, have become small, or zero, or NaN): its reconstructed activations and "
         f"gradients cannot be trusted. Use exact=True, or leave this network out of "
         f"mode.traceable (the opaque engine warns and goes on)",
@@ -271,11 +298,29 @@ def integrate_traced(steps: Sequence[ReversibleStep], couplings: Sequence[Sequen
 
     prog_steps = []
     for step, cs in zip(steps, couplings):
-        params = tuple((name, add(p)) for name, p in step.named_parameters())
-        buffers = tuple(name for name, _ in step.named_buffers())
+        # every name of a tied parameter (f[2].weight = f[0].weight): each is swapped for the
+        # VJP's input, whose gradients the backward sums
+        params = tuple((name, add(p)) for name, p in step.named_parameters(remove_duplicate=False))
+        buffers, scratch = [], []
+        for prefix, m in step.named_modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    full = f"{prefix}.{name}" if prefix else name
+                    if _batch_statistics(m):
+                        scratch.append((full, b.shape, b.dtype))
+                    else:
+                        buffers.append(full)
         cs = tuple(c._replace(alpha=slot(c.alpha), scale=slot(c.scale)) for c in cs)
-        prog_steps.append(_Step(step, params, buffers, cs))
+        prog_steps.append(_Step(step, params, tuple(buffers), tuple(scratch), cs))
     program = _Program(tuple(prog_steps), tuple(slot(a) for a in args), autocast)
+    # one tensor in two places (MidpointNet's default pair (x, x), v0=x, an argument that is
+    # x): dynamo refuses a duplicate input of autograd.Function.apply, so pass an alias
+    # (compared with ``is``: an ``id`` would make dynamo guard on the object, recompiling
+    # at every call)
+    if any(s0 is t for t in tensors):
+        s0 = s0.view_as(s0)
+    if s1 is s0 or any(s1 is t for t in tensors):
+        s1 = s1.view_as(s1)
     return _TracedChain.apply(program, s0, s1, *tensors)
 
 
@@ -307,7 +352,7 @@ class _TracedChain(torch.autograd.Function):
         snapshots = []
         s = (s0, s1)
         for st in program.steps:
-            snapshots.extend(b.clone() for _, b in st.module.named_buffers())
+            snapshots.extend(st.module.get_buffer(name).clone() for name in st.buffers)
             s = list(s)
             for c in st.couplings:
                 s[c.target] = coupling_update(_coupling(c, tensors), s, args)
@@ -396,6 +441,8 @@ def _scaled_phi(program: _Program, st: _Step, c: Coupling, buffers, args, slots)
             own[j] = x
         values = dict(zip(names, primals[:n]))
         values.update((name, b.clone()) for name, b in zip(st.buffers, buffers))
+        values.update((name, torch.zeros(shape, dtype=dtype, device=other.device))
+                      for name, shape, dtype in st.scratch)
         scale = primals[-1] if tensor_scale else c.scale
         with _reparametrize_module(st.module, values), \
                 torch.autograd.graph.disable_saved_tensors_hooks(_NO_SAVED_TENSOR_HOOKS):

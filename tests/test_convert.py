@@ -147,6 +147,25 @@ def test_resnet_exact_mode_gradients_match_autograd():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_compiled_converted_resnet_gives_autograds_gradients():
+    """The kept first block is recomputed through torch.utils.checkpoint, whose context_fn
+    dynamo cannot trace: a converted model with its defaults did not compile at all
+    (InternalTorchDynamoError). That block now runs eagerly, a graph break."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    dynamo.reset()
+    model = tiny_resnet()
+    x, labels = images(), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for opts, compiled in ((dict(reversible=True), True), (dict(reversible=False), False)):
+        conv = mode.convert(model, ["layer1"], gamma=0.9, **opts).train()
+        run = torch.compile(conv, backend="aot_eager") if compiled else conv
+        nn.functional.cross_entropy(run(x), labels).backward()
+        grads.append([p.grad for p in conv.parameters()])
+    dynamo.reset()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 def test_keep_first_layer_false():
     model = tiny_resnet()
     # layer1 keeps the shape: every block becomes a momentum layer

@@ -79,8 +79,13 @@ def _same_objects(a: tuple, b: tuple) -> bool:
     """Whether two tuples hold the same objects, element by element (identity). The networks
     key their steps by the objects the steps are views over, not by ``id``: ``copy.deepcopy``
     maps a network's functions and its steps' references to them alike, so a copy keeps its
-    steps (rebuilding them at its first call would happen inside a torch.compile trace)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    steps (rebuilding them at its first call would happen inside a torch.compile trace).
+    Numbers compare by value: where dynamo makes a changed float (gamma, h) symbolic, the
+    steps built for it when it was assigned are still the right ones."""
+    return len(a) == len(b) and all(
+        x is y or (isinstance(y, (int, float)) and not isinstance(x, (nn.Module, torch.Tensor))
+                   and not isinstance(y, bool) and x == y)
+        for x, y in zip(a, b))
 
 
 def _rebind_gamma(steps: list, key: tuple, old_key: tuple) -> bool:

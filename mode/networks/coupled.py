@@ -491,6 +491,13 @@ class _StepSizeNet(_CoupledNet):
         super().__init__(reversible=reversible, exact=exact, frac_bits=frac_bits)
         self.h = check_step_size(h)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "h" and "_steps" in self.__dict__:  # a new step size, validated
+            value = check_step_size(value)
+        super().__setattr__(name, value)
+        if name == "h" and self.__dict__.get("_steps"):
+            self.chain()  # the steps follow now, not at the next call (inside a trace)
+
     def _initial_pair(self, x: torch.Tensor, other: torch.Tensor | None):
         raise NotImplementedError  # pragma: no cover
 
