@@ -62,3 +62,30 @@ def spawn(worker: Callable, args: tuple, nprocs: int, timeout_s: float) -> None:
             if p.is_alive():
                 p.kill()
             p.join(5)
+
+
+# The engine's two reversible modes, for tests that hold them to reversible=False (float64).
+REVERSIBLE = [dict(), dict(exact=True)]
+REVERSIBLE_IDS = ["float", "exact"]
+
+
+def small_mlp(d: int, hidden: int = 8) -> torch.nn.Module:
+    """``Linear(d, hidden) -> tanh -> Linear(hidden, d)`` in float64."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d)).double()
+
+
+def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """A float64 normal sample of ``shape`` from its own generator."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def assert_same_grads(got, want, tol: float) -> None:
+    """Two gradient lists agree: ``None`` where the other is ``None``, else within ``tol``."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+

@@ -9,27 +9,18 @@ import threading
 
 import pytest
 import torch
+from helpers import REVERSIBLE, REVERSIBLE_IDS, assert_same_grads, seeded_randn, small_mlp
 from torch import nn
 
 import mode
 
 D = 6
-REVERSIBLE = [dict(), dict(exact=True)]
-RIDS = ["float", "exact"]
-
-
-def mlp(d=D):
-    return nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, d)).double()
-
-
-def x_of(shape=(3, D), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
+RIDS = REVERSIBLE_IDS
 
 
 def nets(how, depth=3, seed=0):
     torch.manual_seed(seed)
-    fs = [mlp() for _ in range(depth)]
+    fs = [small_mlp(D) for _ in range(depth)]
     return (mode.MomentumResNet(fs, gamma=0.9, reversible=False),
             mode.MomentumResNet(copy.deepcopy(fs), gamma=0.9, **how))
 
@@ -40,13 +31,12 @@ def test_backward_inside_inference_mode_equals_autograd(how):
     lift it (was torch's 'does not require grad', then a silently wrong gradient)."""
     out = []
     for net in nets(how):
-        x = x_of().requires_grad_(True)
+        x = seeded_randn(3, D).requires_grad_(True)
         loss = (net(x) ** 2).sum()
         with torch.inference_mode():
             loss.backward()
         out.append([x.grad, *(p.grad for p in net.parameters())])
-    for u, v in zip(*out):
-        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    assert_same_grads(*out, tol=1e-10)
 
 
 @pytest.mark.parametrize("how", [dict(reversible=False), *REVERSIBLE],
@@ -56,7 +46,7 @@ def test_a_function_that_feeds_only_an_unused_output_gets_no_gradient(how):
     gradients None (weight decay then leaves it alone); the engine wrote zeros."""
     torch.manual_seed(0)
     net = mode.HamiltonianNet.dense(D, 3, 0.5, **how).double()
-    x = x_of().requires_grad_(True)
+    x = seeded_randn(3, D).requires_grad_(True)
     (net(x) ** 2).sum().backward()
     assert all(p.grad is None for p in net.G_functions[-1].parameters())
     assert all(p.grad is not None for p in net.F_functions[-1].parameters())
@@ -69,22 +59,20 @@ def test_unused_outputs_give_autograds_gradients(how):
     ref, net = nets(how)
     out = []
     for m in (ref, net):
-        x = x_of().requires_grad_(True)
+        x = seeded_randn(3, D).requires_grad_(True)
         _, v = m(x, return_velocity=True)
         out.append(torch.autograd.grad((v ** 2).sum(), [x, *m.parameters()]))
-    for u, v in zip(*out):
-        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    assert_same_grads(*out, tol=1e-10)
     torch.manual_seed(0)
     ref = mode.HamiltonianNet.dense(D, 3, 0.5, reversible=False).double()
     net = copy.deepcopy(ref)
     net.reversible, net.exact = True, bool(how)
     out = []
     for m in (ref, net):
-        x = x_of().requires_grad_(True)
+        x = seeded_randn(3, D).requires_grad_(True)
         ps = [p for f in m.F_functions for p in f.parameters()]
         out.append(torch.autograd.grad((m(x) ** 2).sum(), [x, *ps]))
-    for u, v in zip(*out):
-        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    assert_same_grads(*out, tol=1e-10)
 
 
 @pytest.mark.parametrize("how", REVERSIBLE, ids=RIDS)
@@ -98,15 +86,15 @@ def test_forward_mode_ad_is_refused(how):
     with fwad.dual_level():
         dual = fwad.make_dual(p.detach(), torch.ones_like(p))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
-            torch.func.functional_call(net, {name: dual}, (x_of(),))
+            torch.func.functional_call(net, {name: dual}, (seeded_randn(3, D),))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
-            net(fwad.make_dual(x_of(), torch.ones(3, D, dtype=torch.float64)))
+            net(fwad.make_dual(seeded_randn(3, D), torch.ones(3, D, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("how", REVERSIBLE, ids=RIDS)
 def test_batched_gradients_are_refused(how):
     _, net = nets(how)
-    x = x_of().requires_grad_(True)
+    x = seeded_randn(3, D).requires_grad_(True)
     y = net(x)
     eye = torch.eye(3 * D, dtype=torch.float64).reshape(3 * D, 3, D)
     with pytest.raises(RuntimeError, match="batched gradients"):
@@ -116,7 +104,7 @@ def test_batched_gradients_are_refused(how):
 class ReentrantCheckpoint(nn.Module):
     def __init__(self):
         super().__init__()
-        self.f = mlp()
+        self.f = small_mlp(D)
 
     def forward(self, x):
         return torch.utils.checkpoint.checkpoint(self.f, x, use_reentrant=True)
@@ -126,7 +114,7 @@ class ReentrantCheckpoint(nn.Module):
 @pytest.mark.parametrize("how", REVERSIBLE, ids=RIDS)
 def test_reentrant_checkpoint_inside_f_is_refused_with_the_way_out(how):
     net = mode.MomentumResNet([ReentrantCheckpoint() for _ in range(2)], 0.9, **how)
-    y = net(x_of().requires_grad_(True))
+    y = net(seeded_randn(3, D).requires_grad_(True))
     with pytest.raises(RuntimeError, match="cannot run inside the reversible backward"):
         y.sum().backward()
 
@@ -135,19 +123,18 @@ def test_a_float_output_modified_in_place_is_refused_with_the_cause():
     """Float mode reconstructs from its output (was torch's message naming an internal node);
     exact mode keeps its own copy and gives autograd's gradient."""
     ref, net = nets(dict())
-    y = net(x_of().requires_grad_(True))
+    y = net(seeded_randn(3, D).requires_grad_(True))
     y.add_(1)
     with pytest.raises(RuntimeError, match="modified in place before the backward"):
         (y ** 2).sum().backward()
     ref, exact = nets(dict(exact=True))
     out = []
     for m in (ref, exact):
-        x = x_of().requires_grad_(True)
+        x = seeded_randn(3, D).requires_grad_(True)
         y = m(x)
         y.add_(1)
         out.append(torch.autograd.grad((y ** 2).sum(), [x, *m.parameters()]))
-    for u, v in zip(*out):
-        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    assert_same_grads(*out, tol=1e-10)
 
 
 @pytest.mark.parametrize("how", REVERSIBLE, ids=RIDS)
@@ -166,7 +153,7 @@ def test_one_network_on_several_threads_is_refused_never_corrupted(how):
         barrier.wait()
         for r in range(rounds):
             try:
-                x = x_of(seed=10 * k + r).requires_grad_(True)
+                x = seeded_randn(3, D, seed=10 * k + r).requires_grad_(True)
                 (net(x) ** 2).sum().backward()
                 done.append(10 * k + r)
             except RuntimeError as e:
@@ -180,7 +167,7 @@ def test_one_network_on_several_threads_is_refused_never_corrupted(how):
     assert all("on another thread" in e for e in errors), errors[:1]
     assert [p for p in net.parameters()] == params
     assert all(type(p) is nn.Parameter for p in net.parameters())
-    for x in (x_of(seed=s).requires_grad_(True) for s in done):
+    for x in (seeded_randn(3, D, seed=s).requires_grad_(True) for s in done):
         (ref(x) ** 2).sum().backward()
     for p, q in zip(net.parameters(), ref.parameters()):
         if q.grad is None:
@@ -195,19 +182,18 @@ def test_hooks_on_the_returned_velocity_are_refused_and_on_the_position_kept(how
     the chain's node returns the two as separate outputs (a zeroing hook on v_N changed the
     parameters' gradients by 0.4, silently). A hook on x_N sees what autograd's sees."""
     ref, net = nets(how)
-    y, v = net(x_of().requires_grad_(True), return_velocity=True)
+    y, v = net(seeded_randn(3, D).requires_grad_(True), return_velocity=True)
     v.register_hook(torch.zeros_like)
     with pytest.raises(RuntimeError, match="total gradient"):
         (y.sum() + v.sum()).backward()
-    y, v = net(x_of().requires_grad_(True), return_velocity=True)
+    y, v = net(seeded_randn(3, D).requires_grad_(True), return_velocity=True)
     v.retain_grad()
     with pytest.raises(RuntimeError, match="total gradient"):
         (y.sum() + v.sum()).backward()
     out = []
     for m in (ref, net):
-        x = x_of().requires_grad_(True)
+        x = seeded_randn(3, D).requires_grad_(True)
         y, v = m(x, return_velocity=True)
         y.register_hook(lambda g: 2 * g)
         out.append(torch.autograd.grad((y ** 2).sum() + v.sum(), [x, *m.parameters()]))
-    for u, w in zip(*out):
-        torch.testing.assert_close(u, w, rtol=1e-10, atol=1e-10)
+    assert_same_grads(*out, tol=1e-10)

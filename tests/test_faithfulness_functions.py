@@ -8,22 +8,13 @@ import copy
 
 import pytest
 import torch
+from helpers import REVERSIBLE, REVERSIBLE_IDS, assert_same_grads, seeded_randn, small_mlp
 from torch import nn
 
 import mode
 
 D = 6
-REVERSIBLE = [dict(), dict(exact=True)]
-RIDS = ["float", "exact"]
-
-
-def mlp(d=D):
-    return nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, d)).double()
-
-
-def x_of(shape=(3, D), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
+RIDS = REVERSIBLE_IDS
 
 
 def gradients(net, x, loss=lambda y: (y ** 2).sum()):
@@ -33,11 +24,7 @@ def gradients(net, x, loss=lambda y: (y ** 2).sum()):
 
 
 def assert_same(a, b, tol=1e-10):
-    assert len(a) == len(b)
-    for u, v in zip(a, b):
-        assert (u is None) == (v is None)
-        if u is not None:
-            torch.testing.assert_close(u, v, rtol=tol, atol=tol)
+    assert_same_grads(a, b, tol)
 
 
 class TanhPlusBias(nn.Module):
@@ -61,7 +48,7 @@ def test_revnet_gradient_that_is_the_incoming_gradient_is_not_overwritten(how):
     G = [TanhPlusBias((3, D // 2)) for _ in range(3)]
     ref = mode.RevNet(F, G, reversible=False)
     net = mode.RevNet(copy.deepcopy(F), copy.deepcopy(G), **how)
-    assert_same(gradients(net, x_of()), gradients(ref, x_of()))
+    assert_same(gradients(net, seeded_randn(3, D)), gradients(ref, seeded_randn(3, D)))
 
 
 class Constant(nn.Module):
@@ -87,10 +74,10 @@ class Constant(nn.Module):
 def test_a_function_with_a_constant_output_adds_no_gradient(kind, how):
     """Its output has no graph: was torch's 'element 0 of tensors does not require grad'."""
     torch.manual_seed(2)
-    fs = [mlp(), Constant(kind), mlp()]
+    fs = [small_mlp(D), Constant(kind), small_mlp(D)]
     ref = mode.MomentumResNet(fs, gamma=0.8, reversible=False)
     net = mode.MomentumResNet(copy.deepcopy(fs), gamma=0.8, **how)
-    assert_same(gradients(net, x_of()), gradients(ref, x_of()))
+    assert_same(gradients(net, seeded_randn(3, D)), gradients(ref, seeded_randn(3, D)))
 
 
 class InPlaceOnInput(nn.Module):
@@ -116,11 +103,11 @@ def test_a_function_that_modifies_its_input_is_refused_in_the_forward(first_relu
     torch.manual_seed(3)
     if arch == "momentum":
         net = mode.MomentumResNet([InPlaceOnInput(first_relu) for _ in range(2)], 0.9, **how)
-        x = x_of()
+        x = seeded_randn(3, D)
     else:
         net = mode.RevNet([InPlaceOnInput(first_relu).double() for _ in range(2)],
                           [InPlaceOnInput(first_relu).double() for _ in range(2)], **how)
-        x = x_of((3, 2 * D))
+        x = seeded_randn(3, 2 * D)
     with pytest.raises(RuntimeError, match="modified its input in place"):
         net(x.requires_grad_(True) * 1.0)
 
@@ -132,14 +119,14 @@ def test_in_place_operations_on_intermediate_results_are_fine(how):
           for _ in range(3)]
     ref = mode.MomentumResNet(fs, gamma=0.9, reversible=False)
     net = mode.MomentumResNet(copy.deepcopy(fs), gamma=0.9, **how)
-    assert_same(gradients(net, x_of()), gradients(ref, x_of()))
+    assert_same(gradients(net, seeded_randn(3, D)), gradients(ref, seeded_randn(3, D)))
 
 
 @pytest.mark.parametrize("how", [dict(reversible=False), *REVERSIBLE], ids=["autograd", *RIDS])
 def test_a_complex_output_for_a_real_state_is_refused(how):
     net = mode.MomentumResNet([lambda x: x * (1 + 1j)], gamma=0.9, **how)
     with pytest.raises(TypeError, match="must be real"):
-        net(x_of())
+        net(seeded_randn(3, D))
 
 
 def _tripling_hook(module, inputs, output):
@@ -151,13 +138,13 @@ def _tripling_hook(module, inputs, output):
 def test_hooks_changed_between_forward_and_backward_are_refused(change, how):
     """The recomputation would run other hooks than the forward (float mode was silently off
     by 0.4 to 2)."""
-    fs = [mlp() for _ in range(3)]
+    fs = [small_mlp(D) for _ in range(3)]
     net = mode.MomentumResNet(fs, gamma=0.9, **how)
     handles = [fs[1].register_forward_hook(_tripling_hook)] if change == "removed" else []
     if change == "global":
         handles.append(nn.modules.module.register_module_forward_hook(
             lambda m, i, o: None))
-    x = x_of().requires_grad_(True)
+    x = seeded_randn(3, D).requires_grad_(True)
     try:
         y = net(x)
     finally:
@@ -175,13 +162,13 @@ def test_hooks_changed_between_forward_and_backward_are_refused(change, how):
 
 @pytest.mark.parametrize("how", REVERSIBLE, ids=RIDS)
 def test_hooks_kept_from_forward_to_backward_give_autograds_gradients(how):
-    fs = [mlp() for _ in range(3)]
+    fs = [small_mlp(D) for _ in range(3)]
     ref_fs = copy.deepcopy(fs)
     for f in (fs[1], ref_fs[1]):
         f.register_forward_hook(_tripling_hook)
     ref = mode.MomentumResNet(ref_fs, gamma=0.9, reversible=False)
     net = mode.MomentumResNet(fs, gamma=0.9, **how)
-    assert_same(gradients(net, x_of()), gradients(ref, x_of()))
+    assert_same(gradients(net, seeded_randn(3, D)), gradients(ref, seeded_randn(3, D)))
 
 
 class HooksItsInput(nn.Module):
@@ -200,7 +187,7 @@ def test_a_tensor_hook_on_the_functions_input_is_refused(how):
     """Autograd calls it with the state's total gradient; the recomputation's leaf sees phi's
     share only (was silently off by 6)."""
     net = mode.MomentumResNet([HooksItsInput() for _ in range(2)], gamma=0.9, **how)
-    y = net(x_of().requires_grad_(True) * 1.0)
+    y = net(seeded_randn(3, D).requires_grad_(True) * 1.0)
     with pytest.raises(RuntimeError, match="registered a hook on its input"):
         y.sum().backward()
 
@@ -229,13 +216,13 @@ def test_an_unregistered_tensor_is_refused_at_every_backward(later, how):
     for f in fs:
         f.on = later == "unfrozen"
     net = mode.MomentumResNet(fs, gamma=0.9, **how)
-    net(x_of().requires_grad_(True)).sum().backward()  # fine: nothing unregistered trains
+    net(seeded_randn(3, D).requires_grad_(True)).sum().backward()  # nothing hidden trains yet
     if later == "unfrozen":
         w.requires_grad_(True)
     else:
         for f in fs:
             f.on = True
-    y = net(x_of().requires_grad_(True))
+    y = net(seeded_randn(3, D).requires_grad_(True))
     with pytest.raises(ValueError, match="would receive no gradient"):
         y.sum().backward()
 
@@ -245,4 +232,4 @@ def test_a_parameter_of_another_module_is_named_as_such():
     holder = [shared]
     net = mode.MomentumResNet([lambda x: torch.tanh(holder[0](x))], gamma=0.9)
     with pytest.raises(ValueError, match="nn.Parameter that is not registered in the step"):
-        net(x_of().requires_grad_(True)).sum().backward()
+        net(seeded_randn(3, D).requires_grad_(True)).sum().backward()

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Counting
+from helpers import Counting, assert_same_grads
 from torch import nn
 
 import mode
@@ -37,11 +37,7 @@ def _grads(model, *xs):
 
 
 def _assert_close(got, want, tol=1e-11):
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert_same_grads(got, want, tol)
 
 
 def _pair(make, **options):
