@@ -38,7 +38,13 @@ from pathlib import Path
 import torch
 
 from .common import resolve_device
-from .datasets import DATASETS, DataNotFoundError
+from .datasets import (
+    DATASETS,
+    LOCAL_DATASETS,
+    DataNotFoundError,
+    InvalidDataError,
+    local_fingerprint,
+)
 from .registry import (
     EXPERIMENTS,
     OutputNotWritableError,
@@ -49,9 +55,30 @@ from .registry import (
     run_experiment,
     takes_dataset,
 )
-from .training import distributed_world, init_distributed
+from .training import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    distributed_world,
+    init_distributed,
+)
 
 DEFAULT_OUT = "figures"
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^32), got {seed}")
+    return seed
+
+
+def _folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -64,9 +91,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                       help="smoke-test sizes (seconds; used by the tests)")
     p.set_defaults(level="quick")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2^32) (default 0)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None,
+    where.add_argument("--out", type=_folder, default=None,
                        help=f"output folder (default {DEFAULT_OUT}/, the committed reference)")
     where.add_argument("--fresh", action="store_true",
                        help="write into a new folder runs/<UTC time>/ (nothing cached there)")
@@ -74,7 +101,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="dataset of the experiments that take one (image_classification, "
                         "gamma_robustness)")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=_folder, default=None,
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (local files)")
 
 
@@ -194,13 +221,19 @@ def _run(args, names: list[str], rank: int = 0, world: int = 1) -> int:
             else:  # all: the experiments that take a dataset
                 overrides = {n: dataset_overrides(n, args.dataset) for n in names
                              if takes_dataset(n)}
+        if args.data_dir is not None and args.dataset not in LOCAL_DATASETS:
+            raise ValueError(f"--data-dir is read only with --dataset "
+                             f"{' or '.join(LOCAL_DATASETS)} (the other datasets are made "
+                             f"offline)")
+        if args.dataset in LOCAL_DATASETS:  # its files, before any experiment runs
+            local_fingerprint(args.dataset, args.data_dir)
         if world > 1:
             out = _share(out, rank)  # --fresh: rank 0's folder
             if rank != 0:
                 scratch = _scratch_folder(out, rank)
                 os.environ["MODE_EXPERIMENTS_QUIET"] = "1"  # rank 0 reports
         check_writable(out if scratch is None else scratch)
-    except (ValueError, OutputNotWritableError) as err:
+    except (ValueError, OutputNotWritableError, DataNotFoundError) as err:
         error = str(err)
     if world > 1:
         error = _first_error(error)
@@ -225,8 +258,9 @@ def _run(args, names: list[str], rank: int = 0, world: int = 1) -> int:
                                           data_dir=args.data_dir))
             if world > 1:
                 torch.distributed.barrier()
-    except (OutputNotWritableError, DataNotFoundError) as err:
-        # missing CIFAR files (found before any training): a clear message, no traceback
+    except (OutputNotWritableError, DataNotFoundError, InvalidDataError,
+            CorruptCheckpointError, CheckpointMismatchError) as err:
+        # missing or malformed CIFAR files, a damaged checkpoint: a clear message, no traceback
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2

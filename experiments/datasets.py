@@ -37,14 +37,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "Dataset", "DataNotFoundError", "load_dataset", "augment_crop_flip"]
+__all__ = ["DATASETS", "LOCAL_DATASETS", "Dataset", "DataNotFoundError", "InvalidDataError",
+           "load_dataset", "local_fingerprint", "augment_crop_flip"]
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "cifar10", "cifar100")
 
 
+#: The datasets read from a user's folder (``data_dir``); the others are made offline.
+LOCAL_DATASETS: tuple[str, ...] = ("cifar10", "cifar100")
+
+
 class DataNotFoundError(FileNotFoundError):
     """Files of a dataset that must be provided locally are missing (the message says where)."""
+
+
+class InvalidDataError(ValueError):
+    """A dataset's file, or a :class:`Dataset`, does not hold what its format requires (the
+    message names the file and what is wrong)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,21 @@ class Dataset:
     num_classes: int
     classes: tuple[str, ...]
     augment: bool = False
+
+    def __post_init__(self):
+        where = f"dataset {self.name!r}"
+        for split, x, y in (("train", self.x_train, self.y_train),
+                            ("test", self.x_test, self.y_test)):
+            if len(x) == 0:
+                raise InvalidDataError(f"{where}: the {split} split is empty")
+            if len(x) != len(y):
+                raise InvalidDataError(f"{where}: {len(x)} {split} inputs but {len(y)} labels")
+            if y.dtype != torch.int64:
+                raise InvalidDataError(f"{where}: {split} labels must be int64, got {y.dtype}")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.num_classes:
+                raise InvalidDataError(f"{where}: {split} labels must lie in [0, "
+                                       f"{self.num_classes}), got [{low}, {high}]")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -120,15 +145,42 @@ def _mnist1d() -> Dataset:
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="bytes")
+    try:
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError) as err:
+        raise InvalidDataError(f"{path}: not a python pickle of the dataset, or damaged "
+                               f"({type(err).__name__}: {err})") from None
+    if not isinstance(batch, dict):
+        raise InvalidDataError(f"{path}: must hold a dict, got {type(batch).__name__}")
+    return batch
+
+
+def _entry(batch: dict, key: bytes, path: Path):
+    if key not in batch:
+        raise InvalidDataError(f"{path}: has no {key!r} entry (it has {sorted(batch)!r}; the "
+                               f"standard python version of the dataset has bytes keys)")
+    return batch[key]
 
 
 def _images(batch: dict, path: Path) -> np.ndarray:
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: b'data' must be (N, 3072) uint8 rows, got {data.shape}")
+    data = np.asarray(_entry(batch, b"data", path))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise InvalidDataError(f"{path}: b'data' must be (N, 3072) uint8 rows, got "
+                               f"{data.shape} {data.dtype}")
     return data.reshape(-1, 3, 32, 32)
+
+
+def _labels(batch: dict, key: bytes, path: Path, n: int, classes: int) -> np.ndarray:
+    y = np.asarray(_entry(batch, key, path))
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+        raise InvalidDataError(f"{path}: {key!r} must be {n} integer labels (one per image), got "
+                               f"shape {y.shape} {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise InvalidDataError(f"{path}: {key!r} must lie in [0, {classes}), got "
+                               f"[{y.min()}, {y.max()}]")
+    return y
 
 
 def _cifar_files(data_dir, folder: str, files: list[str], name: str) -> list[Path]:
@@ -155,24 +207,58 @@ def _label_names(path: Path, key: bytes, n: int) -> list[str]:
     return [str(k) for k in range(n)]
 
 
+_LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py",
+                [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], "batches.meta"),
+    "cifar100": ("cifar-100-python", ["train", "test"], "meta"),
+}
+
+
+def _split(paths: list[Path], key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of the batches ``paths``, checked."""
+    xs, ys = [], []
+    for p in paths:
+        batch = _unpickle(p)
+        x = _images(batch, p)
+        xs.append(x)
+        ys.append(_labels(batch, key, p, len(x), classes))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 def _cifar10(data_dir) -> Dataset:
-    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
-    paths = _cifar_files(data_dir, "cifar-10-batches-py", names, "cifar10")
-    batches = [_unpickle(p) for p in paths]
-    x_tr = np.concatenate([_images(b, p) for b, p in zip(batches[:5], paths)])
-    y_tr = np.concatenate([np.asarray(b[b"labels"]) for b in batches[:5]])
-    x_te, y_te = _images(batches[5], paths[5]), np.asarray(batches[5][b"labels"])
-    classes = _label_names(paths[0].parent / "batches.meta", b"label_names", 10)
+    folder, names, meta = _LAYOUTS["cifar10"]
+    paths = _cifar_files(data_dir, folder, names, "cifar10")
+    x_tr, y_tr = _split(paths[:5], b"labels", 10)
+    x_te, y_te = _split(paths[5:], b"labels", 10)
+    classes = _label_names(paths[0].parent / meta, b"label_names", 10)
     return _make("cifar10", x_tr / 255.0, y_tr, x_te / 255.0, y_te, classes, augment=True)
 
 
 def _cifar100(data_dir) -> Dataset:
-    paths = _cifar_files(data_dir, "cifar-100-python", ["train", "test"], "cifar100")
-    train, test = (_unpickle(p) for p in paths)
-    x_tr, y_tr = _images(train, paths[0]), np.asarray(train[b"fine_labels"])
-    x_te, y_te = _images(test, paths[1]), np.asarray(test[b"fine_labels"])
-    classes = _label_names(paths[0].parent / "meta", b"fine_label_names", 100)
+    folder, names, meta = _LAYOUTS["cifar100"]
+    paths = _cifar_files(data_dir, folder, names, "cifar100")
+    x_tr, y_tr = _split(paths[:1], b"fine_labels", 100)
+    x_te, y_te = _split(paths[1:], b"fine_labels", 100)
+    classes = _label_names(paths[0].parent / meta, b"fine_label_names", 100)
     return _make("cifar100", x_tr / 255.0, y_tr, x_te / 255.0, y_te, classes, augment=True)
+
+
+def local_fingerprint(name: str, data_dir) -> str:
+    """SHA-256 of the files of the local dataset ``name`` under ``data_dir`` (its batches and
+    its meta file): what a cached result or a checkpoint of a run on it must match. Raises
+    :class:`DataNotFoundError` where they are missing."""
+    import hashlib
+
+    folder, names, meta = _LAYOUTS[name]
+    paths = _cifar_files(data_dir, folder, names, name)
+    paths += [p for p in (paths[0].parent / meta,) if p.is_file()]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:

@@ -93,12 +93,14 @@ def experiment_config(name: str, level: str = "quick", *, device: str = "cpu", s
 
 @dataclasses.dataclass(frozen=True)
 class RunEnv:
-    """What a run may use beside its configuration (not part of the cache key).
+    """What a run may use beside its configuration.
 
     An experiment receives it when its ``run`` takes an ``env`` keyword: ``run(config, env=)``.
     ``checkpoint_dir``: a folder of this configuration alone for resumable state (training
     checkpoints); it survives an interrupted run, so a rerun resumes, and it is deleted once
-    the results are saved. ``data_dir``: where local datasets (CIFAR) are read from.
+    the results are saved. ``data_dir``: where local datasets (CIFAR) are read from; the
+    contents of the files a configuration reads there (not the folder's name) are part of
+    its cache key.
     """
 
     checkpoint_dir: Path | None = None
@@ -189,9 +191,36 @@ def _is_cached(json_path: Path, chash: str) -> dict | None:
             data = json.load(fh)
     except (OSError, ValueError):
         return None
-    if data.get("config_hash") != chash:
+    if not isinstance(data, dict) or data.get("config_hash") != chash:
         return None
     return data
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _figures_current(out: Path, record: dict) -> bool:
+    """Whether the figures of a cached ``record`` are there and are those its run wrote
+    (by their SHA-256, where the record has them: a run of other settings into the same
+    folder, interrupted before its JSON, leaves its own figures beside this JSON)."""
+    names = record.get("figures") or []
+    digests = record.get("figure_sha256") or {}
+    return bool(names) and all((out / f).is_file() and (f not in digests or
+                                                        _sha256(out / f) == digests[f])
+                               for f in names)
+
+
+def _local_data(config: dict, data_dir) -> dict[str, str]:
+    """``{dataset: fingerprint}`` of the local datasets (CIFAR) that ``config`` reads from
+    ``data_dir``: part of the cache key, so that other files give another result."""
+    from .datasets import LOCAL_DATASETS, local_fingerprint
+
+    names = config.get("datasets") or [config.get("dataset")]
+    names = [n for n in names if isinstance(n, str) and n in LOCAL_DATASETS]
+    return {n: local_fingerprint(n, data_dir) for n in names}
 
 
 def run_experiment(
@@ -228,7 +257,11 @@ def run_experiment(
     threads = cpu_threads()
     revision = getattr(module, "REVISION", 0)
     # the cache key: the configuration, the experiment's revision and the library's version
-    chash = config_hash({"config": config, "revision": revision, "mode": _versions()["mode"]})
+    key = {"config": config, "revision": revision, "mode": _versions()["mode"]}
+    data = _local_data(config, data_dir)  # (raises DataNotFoundError before any work)
+    if data:
+        key["data"] = data
+    chash = config_hash(key)
     out = check_writable(out)
     json_path = out / f"{name}.json"
     progress = Progress(name)
@@ -237,14 +270,15 @@ def run_experiment(
     cached = None if force else _is_cached(json_path, chash)
     if cached is not None:
         names = cached.get("figures", [])
-        if names and all((out / f).exists() for f in names):
+        if _figures_current(out, cached):
             progress(f"cached (config {chash}); use --force to recompute")
             return {"name": name, "status": "cached", "json": str(json_path),
                     "figures": [str(out / f) for f in names],
                     "wall_s": cached["timing"]["run_s"]}
-        progress("results cached, figures missing: re-plotting")
+        progress("results cached, figures missing or not this run's: re-plotting")
         names = [Path(p).name for p in module.plot(cached["results"], out)]
         cached["figures"] = names
+        cached["figure_sha256"] = {f: _sha256(out / f) for f in names}
         write_json_atomic(json_path, cached)
         return {"name": name, "status": "replotted", "json": str(json_path),
                 "figures": [str(out / f) for f in names], "wall_s": cached["timing"]["run_s"]}
@@ -254,6 +288,8 @@ def run_experiment(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     checkpoints = out / ".checkpoints" / f"{name}-{chash}"
+    if force and checkpoints.exists():  # --force: start over, a damaged checkpoint included
+        shutil.rmtree(checkpoints, ignore_errors=True)
     kwargs = {}
     if "env" in inspect.signature(module.run).parameters:
         kwargs["env"] = RunEnv(checkpoint_dir=checkpoints,
@@ -281,10 +317,15 @@ def run_experiment(
         "versions": _versions(),
         "timing": {"run_s": run_s, "plot_s": plot_s, "started": started,
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        "command": f"python -m experiments run {name} --{level} --device {device} --seed {seed}",
+        "command": f"python -m experiments run {name} --{level} --device {device} --seed {seed}"
+                   + "".join(f" --dataset {n}" for n in data)
+                   + (f" --data-dir {data_dir}" if data else ""),
         "results": results,
         "figures": names,
+        "figure_sha256": {f: _sha256(out / f) for f in names},
     }
+    if data:
+        record["data"] = {"dir": str(data_dir), "sha256": data}
     write_json_atomic(json_path, record)
     if checkpoints.exists():  # the results are saved: the resumable state is no longer needed
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -332,7 +373,10 @@ def figures_markdown(out: str | Path = "figures", level: str = "quick") -> str:
         "for a GPU; `python -m experiments list` names the experiments. The image "
         "classification experiments take `--dataset digits|mnist1d|cifar10|cifar100`; CIFAR "
         "(the `--full` data) is read, never downloaded, from `--data-dir DIR` holding "
-        "`cifar-10-batches-py/` or `cifar-100-python/` (the standard python version).",
+        "`cifar-10-batches-py/` or `cifar-100-python/` (the standard python version); the "
+        "files are checked (shapes, uint8 pixels, one label in range per image) and their "
+        "contents are part of the cache key. An interrupted run resumes from its checkpoints "
+        "in `OUT/.checkpoints/`; `--force` discards them with the cached result.",
         "",
     ]
     for name, module, data in entries:

@@ -74,11 +74,29 @@ from .common import Progress
 from .datasets import Dataset, augment_crop_flip
 
 __all__ = ["Recipe", "PAPER_RECIPE", "train", "evaluate", "CheckpointMismatchError",
+           "CorruptCheckpointError",
            "distributed_world", "init_distributed"]
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint file belongs to another configuration than the one asked for."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file cannot be read (damaged outside this code: its writes are atomic)."""
+
+
+def _read_checkpoint(path: Path, map_location) -> dict:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CorruptCheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to "
+            f"start this run over (python -m experiments run ... --force does)") from None
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise CorruptCheckpointError(f"{path} is not a checkpoint of experiments.training; "
+                                     f"delete it or choose another path")
+    return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,15 +249,22 @@ def _load_shared(path: Path | None, fingerprint: str, rank: int,
     raises the same :class:`CheckpointMismatchError`."""
     box: list = [None, None]
     if rank == 0 and path is not None and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != fingerprint:
-            box[1] = str(path)
+        try:
+            state = _read_checkpoint(path, "cpu")
+        except CorruptCheckpointError as err:
+            box[1] = ("corrupt", str(err))
         else:
-            box[0] = state
+            if state.get("fingerprint") != fingerprint:
+                box[1] = ("mismatch", str(path))
+            else:
+                box[0] = state
     dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
     if box[1] is not None:
+        kind, what = box[1]
+        if kind == "corrupt":
+            raise CorruptCheckpointError(what)
         raise CheckpointMismatchError(
-            f"checkpoint {box[1]} belongs to another configuration (recipe, seed, data or "
+            f"checkpoint {what} belongs to another configuration (recipe, seed, data or "
             f"model differ); delete it or choose another path")
     return box[0]
 
@@ -254,14 +279,31 @@ def _check_same_run(fingerprint: str, device: torch.device) -> None:
 
 
 def _fingerprint(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> str:
-    """What a checkpoint must match to be resumed: recipe, seed, data and parameter shapes."""
+    """What a checkpoint must match to be resumed: recipe, seed, data (shapes, labels and a
+    sample of at most 2^20 evenly spaced input values of each split), the model's structure
+    and settings (:func:`_settings`: gamma, reversible, exact, ...) and parameter shapes."""
     h = hashlib.sha256()
     h.update(repr((recipe.as_dict(), int(seed), data.name, tuple(data.x_train.shape),
                    tuple(data.x_test.shape), data.num_classes)).encode())
+    h.update(repr(_settings(model)).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
     h.update(data.y_train.numpy().tobytes())
+    for x in (data.x_train, data.x_test):
+        flat = x.reshape(-1)
+        step = max(1, flat.numel() >> 20)
+        h.update(flat[::step].contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _settings(model: nn.Module) -> list:
+    """Each module's type and public number, string and flag attributes (a float gamma, h,
+    ``reversible``, ``exact``; not ``training``, nor parameters, whose values training
+    changes)."""
+    return [(name, type(m).__name__,
+             sorted((k, v) for k, v in vars(m).items() if not k.startswith("_")
+                    and k != "training" and isinstance(v, (bool, int, float, str, type(None)))))
+            for name, m in model.named_modules()]
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -269,6 +311,8 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:  # on disk before it replaces the previous checkpoint
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -356,7 +400,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, seed: int,
         _check_same_run(fingerprint, device)
         state = _load_shared(path, fingerprint, rank, device)
     elif path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = _read_checkpoint(path, device)
         if state.get("fingerprint") != fingerprint:
             raise CheckpointMismatchError(
                 f"checkpoint {path} belongs to another configuration (recipe, seed, data or "

@@ -11,8 +11,11 @@ import torch
 
 from experiments.datasets import (
     DataNotFoundError,
+    Dataset,
+    InvalidDataError,
     augment_crop_flip,
     load_dataset,
+    local_fingerprint,
 )
 
 
@@ -150,3 +153,60 @@ def test_crop_flip_returns_standard_strides(channels):
     channels-last strides; CPU convolutions of torch 2.13 corrupted the heap on such input."""
     out = augment_crop_flip(torch.randn(4, channels, 8, 8), torch.Generator().manual_seed(0))
     assert out.stride() == torch.empty(out.shape).stride()
+
+
+@pytest.mark.parametrize("damage", ["label_10", "label_negative", "fewer_labels",
+                                    "float_pixels", "truncated", "not_a_dict", "str_keys",
+                                    "empty_test"])
+def test_a_malformed_cifar_file_is_named_with_what_is_wrong(tmp_path, damage):
+    """Labels out of range or fewer than the images loaded silently (a --tiny cut then
+    trained on images paired with the wrong labels); float pixels were cast to uint8; a
+    damaged pickle gave torch's or pickle's message without the file."""
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / ("test_batch" if damage == "empty_test"
+                                               else "data_batch_2")
+    with open(path, "rb") as fh:
+        batch = pickle.load(fh)
+    if damage == "label_10":
+        batch[b"labels"][0] = 10
+    elif damage == "label_negative":
+        batch[b"labels"][1] = -1
+    elif damage == "fewer_labels":
+        batch[b"labels"] = batch[b"labels"][:-1]
+    elif damage == "float_pixels":
+        batch[b"data"] = batch[b"data"].astype(np.float64) * 3.7
+    elif damage == "not_a_dict":
+        batch = [batch]
+    elif damage == "str_keys":
+        batch = {k.decode(): v for k, v in batch.items()}
+    elif damage == "empty_test":
+        batch = {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        _dump(path, batch)
+    with pytest.raises(InvalidDataError, match="test_batch" if damage == "empty_test"
+                       else "data_batch_2|split is empty"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_a_dataset_checks_its_splits():
+    x, y = torch.zeros(4, 3), torch.tensor([0, 1, 2, 1])
+    Dataset("d", x, y, x, y, 3, ("a", "b", "c"))
+    for bad in (dict(y_train=y[:3]), dict(y_test=torch.tensor([0, 1, 3, 0])),
+                dict(x_train=x[:0], y_train=y[:0]), dict(y_train=y.float())):
+        fields = dict(name="d", x_train=x, y_train=y, x_test=x, y_test=y, num_classes=3,
+                      classes=("a", "b", "c"))
+        fields.update(bad)
+        with pytest.raises(InvalidDataError):
+            Dataset(**fields)
+
+
+def test_the_local_fingerprint_follows_the_contents_not_the_folder(tmp_path):
+    write_cifar10(tmp_path / "a", seed=0)
+    write_cifar10(tmp_path / "b", seed=0)
+    write_cifar10(tmp_path / "c", seed=1)
+    fa, fb, fc = (local_fingerprint("cifar10", tmp_path / k) for k in "abc")
+    assert fa == fb != fc
+    with pytest.raises(DataNotFoundError):
+        local_fingerprint("cifar10", tmp_path / "missing")

@@ -100,6 +100,43 @@ def test_cache_skips_same_configuration_and_force_recomputes(tmp_path):
                                    force=True)["status"] == "ran"
 
 
+def test_figures_of_another_run_or_a_result_that_is_not_a_record_are_not_cached(tmp_path):
+    """A run of other settings into the same folder, interrupted between its figures and its
+    JSON, left its figures beside this JSON, which was then served as cached; a JSON that
+    parses to null crashed the run."""
+    first = registry.run_experiment("reconstruction", "tiny", out=tmp_path)
+    figure = Path(first["figures"][0])
+    written = figure.read_bytes()
+    figure.write_bytes(written + b"another run's figure")
+    again = registry.run_experiment("reconstruction", "tiny", out=tmp_path)
+    assert again["status"] == "replotted"
+    assert figure.read_bytes() != written + b"another run's figure"
+    assert registry.run_experiment("reconstruction", "tiny", out=tmp_path)["status"] == "cached"
+    Path(first["json"]).write_text("null")
+    assert registry.run_experiment("reconstruction", "tiny", out=tmp_path)["status"] == "ran"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", ""], "must name a folder"),
+    (["--seed", "-1"], "must lie in"),
+    (["--seed", str(2**70)], "must lie in"),
+])
+def test_cli_refuses_bad_arguments(tmp_path, capsys, monkeypatch, argv, message):
+    """An empty --out wrote into the committed figures/; a negative or huge seed met numpy's
+    message."""
+    monkeypatch.chdir(tmp_path)  # where a default figures/ would go, should this fail
+    with pytest.raises(SystemExit) as info:
+        main(["run", "reconstruction", "--tiny", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_data_dir_that_no_dataset_reads(tmp_path, capsys):
+    assert main(["run", "image_classification", "--tiny", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--data-dir is read only with --dataset" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "image_classification.json").exists()
+
+
 def test_runs_are_repeatable_given_the_seed(tmp_path):
     a = registry.run_experiment("dynamics_1d", "tiny", out=tmp_path / "a", seed=5)
     b = registry.run_experiment("dynamics_1d", "tiny", out=tmp_path / "b", seed=5)

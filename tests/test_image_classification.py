@@ -17,7 +17,7 @@ from experiments import gamma_robustness, image_classification, registry
 from experiments.__main__ import main
 from experiments.classifiers import MODELS, build_resnet
 from experiments.common import Progress
-from experiments.training import Recipe, evaluate, train
+from experiments.training import CorruptCheckpointError, Recipe, evaluate, train
 from tests.test_datasets import write_cifar10
 
 IC = "image_classification"
@@ -119,6 +119,33 @@ def test_cifar10_from_a_fixture_folder_end_to_end(tmp_path, capsys):
     assert list(res["datasets"]["cifar10"]) == list(MODELS)
     line = image_classification.summary(res)
     assert "CIFAR-10: ResNet" in line and line.count(" ± ") == 1 + len(MODELS)  # + the header
+
+
+def test_the_cache_follows_the_cifar_files_and_force_discards_a_damaged_checkpoint(tmp_path):
+    """The cache ignored --data-dir: a run on other CIFAR files printed 'cached' with the old
+    numbers. The key holds the files' contents now (the same files elsewhere: cached). A
+    damaged checkpoint is named, and --force starts over (it resumed from it before)."""
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        write_cifar10(tmp_path / name, n_per_batch=8, n_test=6, seed=seed)
+    overrides = {"models": ["resnet"], "seeds": 1, "datasets": ["cifar10"]}
+    runs = [registry.run_experiment(IC, "tiny", out=tmp_path / "out", overrides=overrides,
+                                    data_dir=tmp_path / k) for k in "abc"]
+    assert [r["status"] for r in runs] == ["ran", "cached", "ran"]
+    record = json.loads(Path(runs[2]["json"]).read_text())
+    assert record["data"]["dir"] == str(tmp_path / "c")
+    assert "--dataset cifar10 --data-dir" in record["command"]
+    damaged = tmp_path / "out" / ".checkpoints" / f"{IC}-{record['config_hash']}"
+    damaged.mkdir(parents=True)
+    (damaged / "cifar10-resnet-seed0.pt").write_bytes(b"not a checkpoint")
+    assert registry.run_experiment(IC, "tiny", out=tmp_path / "out", overrides=overrides,
+                                   data_dir=tmp_path / "c", force=True)["status"] == "ran"
+    assert not damaged.exists()
+    damaged.mkdir(parents=True)
+    (damaged / "cifar10-resnet-seed0.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "out" / f"{IC}.json").unlink()
+    with pytest.raises(CorruptCheckpointError, match="cifar10-resnet-seed0.pt"):
+        registry.run_experiment(IC, "tiny", out=tmp_path / "out", overrides=overrides,
+                                data_dir=tmp_path / "c")
 
 
 def test_missing_cifar_folder_is_a_clear_error_before_any_training(tmp_path, capsys,

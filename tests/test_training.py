@@ -5,6 +5,7 @@ And the four classifiers built from one ResNet (parameter counts, conversions)."
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ from experiments.classifiers import (
 )
 from experiments.common import Progress
 from experiments.datasets import load_dataset
-from experiments.training import CheckpointMismatchError, Recipe, evaluate, train
+from experiments.training import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    Recipe,
+    evaluate,
+    train,
+)
 
 QUIET = Progress("test", quiet=True)
 
@@ -154,3 +161,30 @@ def test_the_four_models_share_the_resnet_and_match_its_size():
     for (k, p), q in zip(rev.named_parameters(), ref.parameters()):
         assert p.grad.abs().max() > 0, k
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=k)
+
+
+def test_a_damaged_checkpoint_is_named_and_other_data_or_gamma_do_not_resume(small, tmp_path):
+    """A truncated checkpoint gave torch's zip-reader message without the file; a checkpoint
+    made on other images with the same labels, or at another gamma, was resumed silently."""
+    recipe = Recipe(epochs=2, batch_size=32, lr=0.05)
+    path = tmp_path / "c.pt"
+    with pytest.raises(Interrupt):
+        train(_model(1), small, recipe, seed=0, checkpoint=path, progress=QUIET,
+              after_epoch=_stop_after(1))
+    good = path.read_bytes()
+    for damaged in (good[: len(good) // 2], b""):
+        path.write_bytes(damaged)
+        with pytest.raises(CorruptCheckpointError, match=str(path)):
+            train(_model(1), small, recipe, seed=0, checkpoint=path, progress=QUIET)
+    path.write_bytes(good)
+    other = dataclasses.replace(small, x_train=small.x_train.flip(0))
+    with pytest.raises(CheckpointMismatchError):
+        train(_model(1), other, recipe, seed=0, checkpoint=path, progress=QUIET)
+    torch.manual_seed(1)
+    data = load_dataset("digits")
+    at_half = build_model("momentum", build_resnet(data.input_shape, 10, width=4,
+                                                   layers=(2, 2, 2, 2)), gamma=0.5)
+    with pytest.raises(CheckpointMismatchError):
+        train(at_half, small, recipe, seed=0, checkpoint=path, progress=QUIET)
+    assert train(_model(1), small, recipe, seed=0, checkpoint=path,
+                 progress=QUIET)["resumed_from"] == 1
