@@ -59,13 +59,27 @@ def _rel(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> 
                 return float("inf")
             continue
         if x.numel():
+            if not bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all()):
+                return float("inf")  # (max() would drop a NaN: a NaN where autograd has none)
             diff = max(diff, float((x - y).abs().max()))
             scale = max(scale, float(y.abs().max()))
     return diff / scale if scale > 0 else diff
 
 
 def _run(steps, state, args, how: dict):
-    """Forward, a fixed random cotangent, backward: outputs, gradients and buffers."""
+    """Forward, a fixed random cotangent, backward: outputs, gradients and buffers. Every run
+    starts from the same RNG state (seed 0; the caller's state is restored after), so that
+    steps that draw random numbers (dropout) draw the same ones in each run."""
+    with torch.random.fork_rng(devices=_devices(state[0])):
+        torch.manual_seed(0)
+        return _run_seeded(steps, state, args, how)
+
+
+def _devices(x: torch.Tensor) -> list[int]:
+    return list(range(torch.cuda.device_count())) if x.is_cuda else []
+
+
+def _run_seeded(steps, state, args, how: dict):
     s0 = state[0].detach().clone().requires_grad_(True)
     s1 = state[1].detach().clone().requires_grad_(True)
     targs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -110,7 +124,11 @@ def check_reversible(
     def fresh():
         return copy.deepcopy(steps)
 
-    ref_out, ref_grads, ref_buffers = _run(fresh(), (s0, s1), args, dict(reversible=False))
+    try:
+        ref_out, ref_grads, ref_buffers = _run(fresh(), (s0, s1), args, dict(reversible=False))
+    except Exception as err:  # the check reports, it does not crash on the user's step
+        report.failures.append(f"the steps do not run under plain autograd: {err!r}")
+        return report
     for name, how, tol in (
         ("float", dict(reversible=True), rtol),
         ("exact", dict(reversible=True, exact=True, frac_bits=frac_bits), exact_rtol),
@@ -130,9 +148,13 @@ def check_reversible(
             report.errors[key] = err
             if not err <= tol:
                 report.failures.append(f"{key} differ from autograd by {err:.3g} > {tol:.3g}")
-        with torch.no_grad():
-            x = engine.integrate(chain, (s0, s1), args, **how)
-            back = engine.reverse(chain, x, args, exact=name == "exact")
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=_devices(s0)):
+                x = engine.integrate(chain, (s0, s1), args, **how)
+                back = engine.reverse(chain, x, args, exact=name == "exact")
+        except Exception as err:
+            report.failures.append(f"{name} round trip raised {err!r}")
+            continue
         if name == "float":
             err = _rel(back, (s0, s1))
             report.errors["float round trip"] = err

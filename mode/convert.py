@@ -135,13 +135,30 @@ def _frozen_running_stats(module: nn.Module):
                     b.copy_(value)
 
 
+@contextmanager
+def _as_in_forward(block: nn.Module, flags: list[tuple[nn.Module, bool]]):
+    """The recomputation of ``block`` with the training flags its forward had (a model
+    switched to eval between forward and backward) and frozen running statistics."""
+    now = [(m, m.training) for m, _ in flags]
+    try:
+        for m, flag in flags:
+            m.training = flag
+        with _frozen_running_stats(block):
+            yield
+    finally:
+        for m, flag in now:
+            m.training = flag
+
+
 @torch._disable_dynamo  # dynamo cannot trace checkpoint's context_fn: a graph break, eager
 def _recomputed(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """``block(x, *args, **kwargs)``, keeping only its inputs for the backward pass, which runs
-    it again (same RNG state, frozen running statistics) to back-propagate through it. Under
-    ``torch.compile`` it runs eagerly (dynamo cannot trace ``context_fn``)."""
+    it again (same RNG state, the forward's training flags, frozen running statistics) to
+    back-propagate through it. Under ``torch.compile`` it runs eagerly (dynamo cannot trace
+    ``context_fn``)."""
+    flags = [(m, m.training) for m in block.modules()]
     return checkpoint(block, x, *args, use_reentrant=False, preserve_rng_state=True,
-                      context_fn=lambda: (nullcontext(), _frozen_running_stats(block)), **kwargs)
+                      context_fn=lambda: (nullcontext(), _as_in_forward(block, flags)), **kwargs)
 
 
 class MomentumStage(nn.Module):

@@ -222,6 +222,8 @@ def _check_steps(steps: Sequence[ReversibleStep]) -> Sequence[ReversibleStep]:
     for i, step in enumerate(steps):
         if not isinstance(step, ReversibleStep):
             raise TypeError(f"steps[{i}] must be a mode.steps.ReversibleStep, got {type(step)}")
+        if not isinstance(step.swap, bool):  # ("False" would swap)
+            raise TypeError(f"steps[{i}].swap must be a bool, got {step.swap!r}")
     return steps
 
 
@@ -396,12 +398,12 @@ def _rng_signature(state: tuple) -> tuple:
 
 
 class _RngRecorder:
-    """The RNG states before each step that drew random numbers (``None`` elsewhere).
+    """The RNG states before each coupling that drew random numbers (``None`` elsewhere).
 
-    Each step only copies the generators' states (a few microseconds, no comparison);
+    Each coupling only copies the generators' states (a few microseconds, no comparison);
     :meth:`finish` compares consecutive states in one vectorized pass and keeps those before a
-    step that drew. The copies (about 5 KB per step on the CPU) live during the forward only;
-    what the plan keeps does not grow with depth unless the steps draw.
+    coupling that drew. The copies (about 5 KB each on the CPU) live during the forward only;
+    what the plan keeps does not grow with depth unless the couplings draw.
     """
 
     def __init__(self, devices: list[int]):
@@ -628,6 +630,9 @@ def _compile_exact(c: Coupling, fps, memo: dict) -> _ExactCoupling:
         t, o = c.target, 1 - c.target
         shift = rounded = bits = 0
         limit = None
+        if c.shift != int(c.shift) or isinstance(c.shift, bool):
+            raise ValueError(f"exact mode needs an integer coupling shift (it adds shift "
+                             f"q[o] to fixed-point integers), got {c.shift!r}")
         if c.shift:
             k = fps[t].frac_bits - fps[o].frac_bits
             if k >= 0:
@@ -839,29 +844,60 @@ def _step_uses(plan: Plan):
 
 def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Tensor]:
     """Run every step with ``run_couplings(couplings, s)``, recording RNG draws and buffer
-    changes per step and the versions of buffers it did not change."""
+    changes per coupling (a RevNet step's F and G each draw their own dropout masks, and the
+    backward undoes them in reverse order) and the versions of buffers no coupling changed.
+    ``plan.rng[i]`` and ``plan.snapshots[i]`` are ``None`` for a step where nothing drew or
+    changed, else a tuple with one entry (or ``None``) per coupling of step ``i``."""
     rng = _RngRecorder(plan.devices)
     untouched: dict = {}
+    counts = []
     for _, step, reads, couplings in _step_uses(plan):
-        before = _snapshot_before(reads) if reads.buffers else None
-        s = run_couplings(couplings, s)
+        snaps = []
+        for c in couplings:
+            before = _snapshot_before(reads) if reads.buffers else None
+            s = run_couplings((c,), s)
+            rng.step_done()
+            snap = None
+            if before is not None:
+                snap = _snapshot_after(before)
+                for m, name, b, _v, _c in before:
+                    key = (id(m), name)
+                    if snap is not None and any(e[0] is m and e[1] == name
+                                                for e in snap.entries):
+                        untouched[key] = None  # changed by the forward: replayed from copies
+                    elif key not in untouched:
+                        untouched[key] = (m, name, b, b._version)
+            snaps.append(snap)
+        if plan.fingerprints is not None:  # exact mode: positions of the pair after each step
+            plan.fingerprints.record(s)
         if step.swap:
             s = [s[1], s[0]]
-        rng.step_done()
-        snap = None
-        if before is not None:
-            snap = _snapshot_after(before)
-            for m, name, b, _v, _c in before:
-                key = (id(m), name)
-                if snap is not None and any(e[0] is m and e[1] == name for e in snap.entries):
-                    untouched[key] = None  # changed by the forward: replayed from copies
-                elif key not in untouched:
-                    untouched[key] = (m, name, b, b._version)
-        plan.snapshots.append(snap)
-    plan.rng = rng.finish()
+        counts.append(len(couplings))
+        plan.snapshots.append(tuple(snaps) if any(x is not None for x in snaps) else None)
+    flat, plan.rng, k = rng.finish(), [], 0
+    for n in counts:
+        states = tuple(flat[k:k + n])
+        plan.rng.append(states if any(x is not None for x in states) else None)
+        k += n
     if plan.versions is not None:
         plan.buffer_versions = tuple(v for v in untouched.values() if v is not None)
     return s
+
+
+def _at(entries: tuple | None, k: int):
+    """Coupling ``k``'s entry of a step's per-coupling record (``None``: nothing recorded)."""
+    return None if entries is None else entries[k]
+
+
+@contextlib.contextmanager
+def _replayed(plan: Plan, i: int, k: int, reads: _Reads | None, isolate: bool):
+    """Coupling ``k`` of step ``i`` with the forward's random numbers and buffers."""
+    rng, snap = _at(plan.rng[i], k), _at(plan.snapshots[i], k)
+    if rng is None and snap is None and not isolate:
+        yield
+        return
+    with _replay_rng(rng, plan.devices), _replay_buffers(snap, reads, isolate):
+        yield
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -915,7 +951,6 @@ def _exact_couplings(plan: Plan, dtype):
     # computes in (a fresh tensor of some MiB costs more than the arithmetic done in it). It
     # lives as long as the forward; what it holds is never seen outside.
     pool: list[torch.Tensor] = []
-    fingerprints = plan.fingerprints
     known: list = [None, None]  # (state, max |q|) of the last checked state of each target
 
     def run(couplings, q):
@@ -960,8 +995,6 @@ def _exact_couplings(plan: Plan, dtype):
             # checked at once (one check per coupling, as before): every state a coupling reads
             # is in range, which the exactness bounds of mode.exact.shift_limit assume
             known[t] = (new, fps[t].checked_bound(new))
-        if fingerprints is not None:
-            fingerprints.record(q)
         return q
 
     return run
@@ -1144,11 +1177,10 @@ def _step_name(plan: Plan, j: int) -> str:
 def _run_step(plan: Plan, j: int, x: list[torch.Tensor], args) -> list[torch.Tensor]:
     """The couplings of step ``j`` in float arithmetic on ``x``, with the forward's random
     numbers and buffers (the module's own buffers are left untouched)."""
-    step = plan.step(j)
-    with _replay_rng(plan.rng[j], plan.devices), \
-            _replay_buffers(plan.snapshots[j], plan.reads[id(step)], True):
-        s = list(x)
-        for c in plan.couplings_of(j):
+    reads = plan.reads[id(plan.step(j))]
+    s = list(x)
+    for k, c in enumerate(plan.couplings_of(j)):
+        with _replayed(plan, j, k, reads, True):
             s[c.target] = coupling_update(c, s, args)
     return s
 
@@ -1449,16 +1481,15 @@ def _chain_backward(ctx, g0, g1):
             if rows is not None:  # to locate a failed reconstruction (see _locate_rows)
                 rows.append(plan.fingerprints.sample(s))
             inputs = [inputs_of[j] for j in idx]
-            rng, snap = plan.rng[i], plan.snapshots[i]
-            replay = rng is not None or snap is not None
-            with _replay_rng(rng, plan.devices) if replay else contextlib.nullcontext(), \
-                    _replay_buffers(snap, None, False) if replay else contextlib.nullcontext():
-                for c in reversed(plan.couplings_of(i)):
-                    live = not zero[c.target]
+            cs = plan.couplings_of(i)
+            for k in range(len(cs) - 1, -1, -1):
+                c = cs[k]
+                live = not zero[c.target]
+                with _replayed(plan, i, k, None, False):
                     couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
                            dtype, foreign, live)
-                    if live and (c.phi is not None or c.shift):
-                        zero[1 - c.target] = False
+                if live and (c.phi is not None or c.shift):
+                    zero[1 - c.target] = False
     if exact is not None:  # raises before any gradient is returned
         if rows is not None:
             rows.append(plan.fingerprints.sample(s))
@@ -1697,7 +1728,7 @@ def _vjp(c, alpha, g, t, o, a, p, prev, other, inputs, idx, grads, alpha_grad) -
         grad_outputs.append(gt if p.dtype == gt.dtype else gt.to(p.dtype))
     if alpha_grad:
         outputs.append(alpha)
-        grad_outputs.append((prev * gt).sum().reshape(alpha.shape).to(alpha.dtype))
+        grad_outputs.append((prev.detach() * gt).sum().reshape(alpha.shape).to(alpha.dtype))
     vjp = _grad(outputs, [other, *inputs], grad_outputs) if outputs else \
         (None,) * (1 + len(inputs))
     if c.shift:
@@ -2023,11 +2054,11 @@ def _reverse_float(steps, couplings, s: list, args, plan: Plan | None, reads, de
         cs = steps.couplings(i) if couplings is None else couplings[i]
         if step.swap:
             s = [s[1], s[0]]
-        rng = plan.rng[i] if plan is not None else None
-        snap = plan.snapshots[i] if plan is not None else None
         before = _get_rng(devices) if plan is None else None
-        with _replay_rng(rng, devices), _replay_buffers(snap, reads[id(step)], True):
-            for c in reversed(cs):
+        for k in range(len(cs) - 1, -1, -1):
+            c = cs[k]
+            with _replayed(plan, i, k, reads[id(step)], True) if plan is not None else \
+                    _replay_buffers(None, reads[id(step)], True):
                 s[c.target] = invert_coupling(c, s, args)
         if before is not None and _rng_signature(_get_rng(devices)) != _rng_signature(before):
             raise RuntimeError(
@@ -2116,9 +2147,11 @@ def _invert_exact_step(plan: Plan, i: int, q: list, buf: InformationBuffer, args
     ``q``, popping ``buf``, with the forward's random numbers and buffers (no grad).
     ``foreign``: ids of states never to write (the recorded output); ``None``: write none."""
     fps = plan.exact
-    with _replay_rng(plan.rng[i], plan.devices), \
-            _replay_buffers(plan.snapshots[i], plan.reads[id(plan.step(i))], True):
-        for c in reversed(plan.couplings_of(i)):
+    reads = plan.reads[id(plan.step(i))]
+    cs = plan.couplings_of(i)
+    for k in range(len(cs) - 1, -1, -1):
+        c = cs[k]
+        with _replayed(plan, i, k, reads, True):
             e = _compile_exact(c, fps, plan.compiled)
             terms = [scaled_phi(c, fps[e.o].decode(q[e.o], dtype), args)] \
                 if c.phi is not None else []

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -181,6 +182,42 @@ def _check_t(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
         raise ValueError(f"t must be strictly increasing, got {t.tolist()}")
     return t.to(device=like.device)
+
+
+def _check_torchdiffeq_options(options: dict | None, rtol, atol) -> None:
+    """The options torchdiffeq would otherwise meet with an internal message (or read
+    ``True`` as a step of 1): a step size, and the tolerances."""
+    step = (options or {}).get("step_size")
+    if step is not None:
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, Real) or not (
+                math.isfinite(step) and step > 0):
+            raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        values = tol.detach().reshape(-1).tolist() if isinstance(tol, torch.Tensor) else [tol]
+        if any(isinstance(v, bool) or not isinstance(v, Real) or not (math.isfinite(v) and v >= 0)
+               for v in values):
+            raise ValueError(f"{name} must be a finite number >= 0 (or a tensor of them), got "
+                             f"{tol!r}")
+    if not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor) \
+            and rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol are both 0: an adaptive step would shrink to nothing")
+
+
+def _reaches(x: torch.Tensor, ids: set[int]) -> bool:
+    """Whether ``x``'s autograd history contains a leaf whose ``id`` is in ``ids``."""
+    seen, todo = set(), [x.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in ids:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
 
 
 def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
@@ -446,6 +483,9 @@ def _momentum_options(options: dict | None, adjoint, frac_bits) -> tuple[float |
                 f"give one of them"
             )
         frac_bits = option_bits
+    if frac_bits is not None and (isinstance(frac_bits, bool) or not isinstance(frac_bits, int)):
+        raise TypeError(f"frac_bits of method='momentum' must be an int (both slots get bits "
+                        f"by the state's dtype from it), got {frac_bits!r}")
     return step, adjoint_strategy(adjoint, frac_bits)
 
 
@@ -554,10 +594,25 @@ def solve(
     t = _check_t(t, xs[0])
     eps = _check_eps(eps)
     eps_value = float(eps.detach()) if isinstance(eps, torch.Tensor) else eps
+    if isinstance(eps, torch.Tensor):
+        if eps_value == 0:
+            raise ValueError(
+                "eps is a tensor that requires grad and is 0: eps = 0 is the first-order ODE, "
+                "which has no eps to differentiate; start from eps > 0, or pass a number")
+        eps = eps.to(xs[0].dtype)  # (a float32 eps would round gamma for a float64 state)
     info = _check_method(method)
     _check_adjoint(adjoint, info, eps_value, field.func)
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
+    if info.family != "discrete":
+        _check_torchdiffeq_options(options, rtol, atol)
+    if method == "scipy_solver" and torch.is_grad_enabled() and (
+            any(c.requires_grad for c in xs) or isinstance(eps, torch.Tensor)
+            or any(p.requires_grad for p in field.parameters())):
+        raise ValueError(
+            "method='scipy_solver' solves on numpy copies: its output has no gradient, so a "
+            "loss through it would silently miss this term. Run it under torch.no_grad(), or "
+            "use a torch method (dopri5, rk4, ...) for gradients")
     if not isinstance(return_velocity, bool):
         raise TypeError(f"return_velocity must be a bool, got {return_velocity!r}")
     us = _check_u0(u0, xs, eps_value)
@@ -592,10 +647,25 @@ def solve(
             y0 = (*xs, *us)
         if adjoint is True:
             params = list(field.parameters())
-            if isinstance(eps, torch.Tensor) and not any(p is eps for p in params):
-                params.append(eps)
+            if isinstance(eps, torch.Tensor):
+                base = eps if eps._base is None else eps._base  # (_check_eps reshapes it)
+                ids = {id(p) for p in params}
+                if id(base) not in ids:
+                    if _reaches(eps, ids):
+                        raise ValueError(
+                            "eps is computed from a parameter of func: with adjoint=True "
+                            "torchdiffeq's adjoint would count that parameter's gradient twice "
+                            "(through eps inside the solve, and again outside). Keep the "
+                            "parameter out of func (on the module that calls odeint), pass it "
+                            "itself as eps, or use adjoint=False")
+                    params.append(eps)
             kwargs["adjoint_params"] = tuple(params)
-        sol = solver(system, y0, t, **kwargs)
+        with warnings.catch_warnings():  # torchdiffeq ignores a misspelt option, with a warning
+            warnings.filterwarnings("error", message=".*Unexpected arguments")
+            try:
+                sol = solver(system, y0, t, **kwargs)
+            except UserWarning as err:
+                raise ValueError(f"options not understood by method={method!r}: {err}") from None
         sol = (sol,) if isinstance(sol, torch.Tensor) else tuple(sol)
         sol_x, sol_u = sol[:m], sol[m:]
 

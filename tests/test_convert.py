@@ -166,6 +166,22 @@ def test_compiled_converted_resnet_gives_autograds_gradients():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def test_switching_to_eval_between_forward_and_backward_gives_autograds_gradients():
+    """The kept first block is recomputed by torch.utils.checkpoint, which ran it in eval
+    mode then: checkpoint's 'Recomputed values ... different metadata'. Its recomputation
+    replays the forward's training flags now."""
+    grads = []
+    for opts in (dict(reversible=False), dict(reversible=True), dict(exact=True)):
+        model = mode.convert(tiny_resnet(), STAGES, gamma=0.8, **opts).train()
+        y = model(images())
+        model.eval()  # an evaluation between forward and backward
+        y.square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
 def test_keep_first_layer_false():
     model = tiny_resnet()
     # layer1 keeps the shape: every block becomes a momentum layer

@@ -10,6 +10,7 @@ from torch import nn
 
 import mode
 from mode.exact import FixedPoint
+from mode.reversible import ReconstructionWarning
 from mode.steps import Coupling, ReversibleStep
 
 D = 5
@@ -374,6 +375,41 @@ def test_check_reversible_passes_a_good_step_and_fails_a_broken_one():
     assert report.errors["exact round trip"] == 0.0
     broken = mode.check_reversible([_Additive(broken=True) for _ in range(3)], (x, 0.5 * x))
     assert not broken.ok
+
+
+class _DropoutStep(ReversibleStep):
+    """RevNet-like: two couplings that each draw their own dropout mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.F = nn.Sequential(nn.Linear(D, D), nn.Dropout(0.3)).double()
+        self.G = nn.Sequential(nn.Linear(D, D), nn.Dropout(0.3)).double()
+
+    def couplings(self):
+        return (Coupling(0, phi=self.F), Coupling(1, phi=self.G))
+
+
+class _NoSlot(ReversibleStep):
+    def couplings(self):
+        return (Coupling(2, phi=torch.tanh),)
+
+
+def test_check_reversible_is_fair_to_dropout_and_strict_on_nan():
+    """Its runs drew different dropout masks (a false fail of a correct step); max() dropped
+    a NaN gradient (a false pass); a step that cannot run raised instead of being reported."""
+    x = torch.randn(8, D, dtype=torch.float64)
+    steps = [_DropoutStep() for _ in range(3)]
+    state = torch.get_rng_state()
+    report = mode.check_reversible(steps, (x, 0.5 * x))
+    assert report.ok, report
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    with pytest.warns(ReconstructionWarning):  # gamma = 0.01, 200 steps: NaN in float reversal
+        nan = mode.check_reversible(
+            [mode.MomentumStep(lambda z: 0.01 * torch.log(z + 10), 0.01) for _ in range(200)],
+            (x, torch.zeros_like(x)))
+    assert not nan.ok and nan.errors["float gradients"] == float("inf")
+    broken = mode.check_reversible([_NoSlot()], (x, x))
+    assert not broken.ok and "autograd" in broken.failures[0]
 
 
 def test_saved_memory_helper_sees_the_information_buffer():

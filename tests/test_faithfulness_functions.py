@@ -233,3 +233,40 @@ def test_a_parameter_of_another_module_is_named_as_such():
     net = mode.MomentumResNet([lambda x: torch.tanh(holder[0](x))], gamma=0.9)
     with pytest.raises(ValueError, match="nn.Parameter that is not registered in the step"):
         net(seeded_randn(3, D).requires_grad_(True)).sum().backward()
+
+
+class Counted(nn.Module):
+    """Scales by a buffer that its forward reads and then updates (a step counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D // 2, D // 2).double()
+        self.register_buffer("calls", torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x)) * (self.calls + 0)  # (autograd saves the sum)
+        self.calls.add_(1)
+        return y
+
+
+@pytest.mark.parametrize("what", ["dropout", "buffer"])
+@pytest.mark.parametrize("how", REVERSIBLE, ids=RIDS)
+def test_two_couplings_of_one_step_each_replay_their_own_state(what, how):
+    """A RevNet step's F and G draw their own dropout masks (or one module updates a buffer
+    in both): the forward recorded the RNG state and buffers once per step, and the backward,
+    which undoes G before F, gave G F's masks (float gradients off by 21; exact raised)."""
+    torch.manual_seed(5)
+    if what == "dropout":
+        make = lambda: nn.Sequential(nn.Linear(D // 2, D // 2), nn.Dropout(0.5)).double()  # noqa: E731
+        F, G = [make() for _ in range(2)], [make() for _ in range(2)]
+    else:
+        shared = [Counted() for _ in range(2)]
+        F, G = shared, shared
+    out = []
+    for opts in (dict(reversible=False), how):
+        net = mode.RevNet(*copy.deepcopy((F, G)), **opts)  # (one copy: the sharing kept)
+        torch.manual_seed(7)
+        x = seeded_randn(3, D).requires_grad_(True)
+        (net(x) ** 2).sum().backward()
+        out.append([x.grad, *(p.grad for p in net.parameters()), *net.buffers()])
+    assert_same(out[1], out[0])

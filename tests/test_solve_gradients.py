@@ -275,3 +275,75 @@ def test_information_buffer_does_not_grow_with_steps():
         record = engine.information_buffer(x, v)
         nbytes[n] = record.buffer.nbytes
     assert nbytes[256] <= 2 * nbytes[16]
+
+
+class _FieldWithEps(Field):
+    """A field that also holds the mass: ``eps = raw`` or ``softplus(raw)``."""
+
+    def __init__(self, derived: bool):
+        super().__init__()
+        self.derived = derived
+        self.raw = nn.Parameter(torch.tensor(-1.0 if derived else 0.3, dtype=torch.float64))
+
+    def eps(self):
+        return nn.functional.softplus(self.raw) if self.derived else self.raw
+
+
+@pytest.mark.parametrize("method, opts", [("dopri5", None), ("rk4", {"step_size": 0.05})])
+def test_adjoint_eps_that_is_a_parameter_of_func_is_counted_once(method, opts):
+    """eps was appended to the adjoint's parameters beside itself (a reshaped view of it):
+    its gradient came back doubled (0.327 against 0.163). One computed from a parameter of
+    func would be counted twice by torchdiffeq's adjoint itself: refused."""
+    x0 = torch.tensor([[0.5, -0.3, 0.1]], dtype=torch.float64)
+    grads = []
+    for adjoint in (False, True):
+        f = _FieldWithEps(False)
+        odeint(f, x0, T1, eps=f.eps(), method=method, options=opts, adjoint=adjoint,
+               rtol=1e-10, atol=1e-12)[-1].sum().backward()
+        grads.append(f.raw.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+    f = _FieldWithEps(True)
+    with pytest.raises(ValueError, match="computed from a parameter of func"):
+        odeint(f, x0, T1, eps=f.eps(), method=method, options=opts, adjoint=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="rk4", options={"stepsize": 0.01}), "not understood"),
+    (dict(method="rk4", options={"step_size": -0.01}), "positive number"),
+    (dict(method="rk4", options={"step_size": True}), "positive number"),
+    (dict(method="dopri5", rtol=float("nan")), "rtol must be"),
+    (dict(method="dopri5", rtol=0.0, atol=0.0), "both 0"),
+    (dict(method="momentum", options={"step_size": 0.01}, adjoint="reversible",
+          frac_bits=(30, 40)), "must be an int"),
+])
+def test_bad_solver_options_are_named(kwargs, message):
+    """A misspelt option was ignored with a warning (rk4 then took its whole interval as one
+    step: x(1) = 0.375 against exp(-1)); bad values met torchdiffeq's internal messages."""
+    x0 = torch.tensor([0.5, 0.1, -0.2], dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        odeint(Field(), x0, T1, eps=0.1, **kwargs)
+
+
+def test_scipy_solver_refuses_to_drop_a_gradient_and_eps_zero_tensor_is_refused():
+    """scipy_solver's output was detached from autograd: a loss through it lost that term
+    silently. A learnable eps at 0 (the first-order model) got no gradient."""
+    x0 = torch.tensor([0.5, -0.2], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="no gradient"):
+        odeint(lambda t, x: -x, x0, T1, eps=0.1, method="scipy_solver")
+    with torch.no_grad():
+        xs = odeint(lambda t, x: -x, x0, T1, eps=0.0, method="scipy_solver")
+    torch.testing.assert_close(xs[-1], x0.detach() * math.exp(-1), rtol=1e-6, atol=1e-8)
+    zero = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="first-order ODE"):
+        odeint(lambda t, x: -x, x0, T1, eps=zero)
+
+
+def test_a_float32_eps_follows_the_float64_state():
+    """gamma was computed in float32 (error 3.6e-8 in x(1))."""
+    x0 = torch.tensor([0.5, -0.2], dtype=torch.float64)
+    kw = dict(method="momentum", options={"step_size": 0.01})
+    e64 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    e32 = e64.detach().float().requires_grad_(True)
+    a = odeint(lambda t, x: -x, x0, T1, eps=e64, **kw)
+    b = odeint(lambda t, x: -x, x0, T1, eps=e32, **kw)
+    torch.testing.assert_close(b, a, rtol=1e-7, atol=0.0)

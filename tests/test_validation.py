@@ -312,3 +312,24 @@ def test_a_coupling_alpha_of_several_elements_is_refused_by_name():
         torch.compile(lambda s0, s1: mode.reversible.integrate(steps, (s0, s1), traceable=True),
                       backend="aot_eager")(x, x.clone())
     torch._dynamo.reset()
+
+
+def test_a_non_integer_shift_in_exact_mode_and_a_non_bool_swap_are_refused():
+    """shift = 0.5: float mode gave 0.6, exact mode 0.4, silently; swap = "False" swapped."""
+    from mode.steps import Coupling, ReversibleStep
+
+    class Half(ReversibleStep):
+        def couplings(self):
+            return (Coupling(0, shift=0.5, phi=torch.tanh),)
+
+    class Stringly(ReversibleStep):
+        swap = "False"
+
+        def couplings(self):
+            return (Coupling(0, phi=torch.tanh),)
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="integer coupling shift"):
+        mode.reversible.integrate([Half()], (x, x.clone()), exact=True)
+    with pytest.raises(TypeError, match="swap must be a bool"):
+        mode.reversible.integrate([Stringly()], (x, x.clone()))
