@@ -852,8 +852,13 @@ def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Ten
     untouched: dict = {}
     counts = []
     for _, step, reads, couplings in _step_uses(plan):
-        snaps = []
+        snaps, marks = [], []
         for c in couplings:
+            marks.append(c.phi is not None)
+            if c.phi is None:  # a linear coupling draws nothing and touches no buffer
+                s = run_couplings((c,), s)
+                snaps.append(None)
+                continue
             before = _snapshot_before(reads) if reads.buffers else None
             s = run_couplings((c,), s)
             rng.step_done()
@@ -872,16 +877,18 @@ def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Ten
             plan.fingerprints.record(s)
         if step.swap:
             s = [s[1], s[0]]
-        counts.append(len(couplings))
+        counts.append(marks)
         plan.snapshots.append(tuple(snaps) if any(x is not None for x in snaps) else None)
-    flat, plan.rng, k = rng.finish(), [], 0
-    for n in counts:
-        states = tuple(flat[k:k + n])
+    flat, plan.rng = iter(rng.finish()), []
+    for marks in counts:  # one recorded state per coupling with a residual function
+        states = tuple(next(flat) if m else None for m in marks)
         plan.rng.append(states if any(x is not None for x in states) else None)
-        k += n
     if plan.versions is not None:
         plan.buffer_versions = tuple(v for v in untouched.values() if v is not None)
     return s
+
+
+_NOTHING = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 def _at(entries: tuple | None, k: int):
@@ -1482,10 +1489,11 @@ def _chain_backward(ctx, g0, g1):
                 rows.append(plan.fingerprints.sample(s))
             inputs = [inputs_of[j] for j in idx]
             cs = plan.couplings_of(i)
+            replay = plan.rng[i] is not None or plan.snapshots[i] is not None
             for k in range(len(cs) - 1, -1, -1):
                 c = cs[k]
                 live = not zero[c.target]
-                with _replayed(plan, i, k, None, False):
+                with _replayed(plan, i, k, None, False) if replay else _NOTHING:
                     couple(plan, step, c, s, g, args, inputs, idx, grads, leaves, buf,
                            dtype, foreign, live)
                 if live and (c.phi is not None or c.shift):
