@@ -527,7 +527,7 @@ def _installed(plan: Plan, leaves: dict[int, torch.Tensor]):
     """The modules as the forward saw them: its parameters (as ``leaves``, or detached) and
     training flags; everything is put back after."""
     saved = []
-    with _exclusive(plan.modules):
+    with _exclusive(plan.stateful):
         try:
             for m, name, p in plan.params:
                 saved.append((m, name, m._parameters[name]))
@@ -688,6 +688,8 @@ class Plan:
         self.training = tuple((m, m.training) for m in modules)
         self.modules = tuple(modules)
         self.hooks = _hook_signature(modules)
+        # the modules whose parameters or buffers an engine call installs (claimed per call)
+        self.stateful = tuple(m for m in modules if m._parameters or m._buffers)
         self._index_tensors(steps, couplings, args)
         watched = {id(t): t for t in (*self.tensors, *(p for _, _, p in params))}
         watched.update((id(a), a) for a in args if isinstance(a, torch.Tensor))
@@ -1400,7 +1402,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Plan, s0, s1, *tensors):
-        with _exclusive(plan.modules):
+        with _exclusive(plan.stateful):
             if not all(m._parameters.get(name) is p for m, name, p in plan.params):
                 # the plan read the tensors another thread's backward had installed
                 raise RuntimeError(f"a module of this network was {_CONCURRENT}")
