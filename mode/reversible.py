@@ -1528,18 +1528,10 @@ def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor],
             f"which the reversible backward does not form at that point (it would see phi's "
             f"share only). Register the hook on the network's input or output, or use "
             f"reversible=False")
-    if out.grad_fn is None:
-        return
-    stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
     known_ids = {id(t) for t in known}
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen or id(fn) in stop:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None and id(var) not in known_ids:
+    stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
+    for var in graph_leaves(out, stop):
+        if id(var) not in known_ids:
             what = ("an nn.Parameter that is not registered in the step (a parameter of "
                     "another module, reached through a list, a closure or a bound method)"
                     if isinstance(var, nn.Parameter) else
@@ -1550,6 +1542,20 @@ def _check_closure(step, out: torch.Tensor, known: list[torch.Tensor],
                 f"gradient. Register it (make the function an nn.Module holding it, as a "
                 f"submodule of the step) or use reversible=False."
             )
+
+
+def graph_leaves(out: torch.Tensor, stop: set[int] = frozenset()):
+    """The leaf tensors (``AccumulateGrad`` variables) in ``out``'s autograd history, each
+    once; the walk does not go past nodes whose ``id`` is in ``stop``."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or id(fn) in stop:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            yield var
         todo.extend(f for f, _ in fn.next_functions)
 
 

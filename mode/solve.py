@@ -207,17 +207,7 @@ def _check_torchdiffeq_options(options: dict | None, rtol, atol) -> None:
 
 def _reaches(x: torch.Tensor, ids: set[int]) -> bool:
     """Whether ``x``'s autograd history contains a leaf whose ``id`` is in ``ids``."""
-    seen, todo = set(), [x.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None and id(var) in ids:
-            return True
-        todo.extend(f for f, _ in fn.next_functions)
-    return False
+    return any(id(var) in ids for var in engine.graph_leaves(x))
 
 
 def _check_eps(eps: float | torch.Tensor) -> float | torch.Tensor:
