@@ -66,32 +66,80 @@ def _rel(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> 
     return diff / scale if scale > 0 else diff
 
 
-def _run(steps, state, args, how: dict):
+def _run(steps, state, args, how: dict, second: State | None = None):
     """Forward, a fixed random cotangent, backward: outputs, gradients and buffers. Every run
     starts from the same RNG state (seed 0; the caller's state is restored after), so that
-    steps that draw random numbers (dropout) draw the same ones in each run."""
+    steps that draw random numbers (dropout) draw the same ones in each run. ``second``: a
+    state that a second forward runs on before the first forward's backward (two batches)."""
     with torch.random.fork_rng(devices=_devices(state[0])):
         torch.manual_seed(0)
-        return _run_seeded(steps, state, args, how)
+        return _run_seeded(steps, state, args, how, second)
 
 
 def _devices(x: torch.Tensor) -> list[int]:
     return list(range(torch.cuda.device_count())) if x.is_cuda else []
 
 
-def _run_seeded(steps, state, args, how: dict):
+def _run_seeded(steps, state, args, how: dict, second: State | None):
     s0 = state[0].detach().clone().requires_grad_(True)
     s1 = state[1].detach().clone().requires_grad_(True)
     targs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     params = [p for step in steps for p in step.parameters() if p.requires_grad]
     params = list({id(p): p for p in params}.values())
     out = engine.integrate(steps, (s0, s1), args, **how)
+    if second is not None:
+        engine.integrate(steps, second, args, **how)
     gen = torch.Generator().manual_seed(0)
     cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in out]
     loss = sum((o * c).sum() for o, c in zip(out, cot))
     grads = torch.autograd.grad(loss, [s0, s1, *targs, *params], allow_unused=True)
     buffers = [b.detach().clone() for step in steps for b in step.buffers()]
     return [o.detach() for o in out], list(grads), buffers
+
+
+def _same_function(a, b) -> bool:
+    """The same residual function: one object, one bound method of one object, or closures of
+    one code over the same cells (``couplings()`` may build its lambdas at every call)."""
+    if a is b:
+        return True
+    if hasattr(a, "__self__") and hasattr(b, "__self__"):
+        return a.__self__ is b.__self__ and getattr(a, "__func__", None) is getattr(
+            b, "__func__", None)
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is None or code_a is not code_b:
+        return False
+    cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
+    return len(cells_a) == len(cells_b) and all(
+        x.cell_contents is y.cell_contents for x, y in zip(cells_a, cells_b))
+
+
+def _same_number(a, b) -> bool:
+    """Equal coefficients (a tensor one, such as ``1 - gamma``, may be made anew per call)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and torch.equal(a.detach(), b.detach()))
+    return a == b
+
+
+def _changing_couplings(steps) -> str | None:
+    """Why a step's ``couplings()`` describe another map on a second call, or ``None``. The
+    engine reads them once per call; the step's own ``forward`` and ``inverse`` read them
+    again, so a step whose couplings change does not invert itself."""
+    for i, step in enumerate(steps):
+        try:
+            first, again = tuple(step.couplings()), tuple(step.couplings())
+        except Exception as err:
+            return f"steps[{i}].couplings() raised {err!r}"
+        if len(first) != len(again) or not all(
+                a.target == b.target and _same_number(a.alpha, b.alpha)
+                and _same_number(a.scale, b.scale) and _same_number(a.shift, b.shift)
+                and (a.phi is None) == (b.phi is None)
+                and (a.phi is None or _same_function(a.phi, b.phi))
+                for a, b in zip(first, again)):
+            return (f"steps[{i}].couplings() describes another map on a second call (its "
+                    f"targets, coefficients or residual functions changed): a step's couplings "
+                    f"must be a function of its state, not of how often they were asked for")
+    return None
 
 
 def check_reversible(
@@ -124,8 +172,13 @@ def check_reversible(
     def fresh():
         return copy.deepcopy(steps)
 
+    changing = _changing_couplings(steps)
+    if changing is not None:
+        report.failures.append(changing)
+    second = (2 * s0, 0.5 * s1)  # another batch, run forward before the first one's backward
     try:
         ref_out, ref_grads, ref_buffers = _run(fresh(), (s0, s1), args, dict(reversible=False))
+        ref_two = _run(fresh(), (s0, s1), args, dict(reversible=False), second)[1]
     except Exception as err:  # the check reports, it does not crash on the user's step
         report.failures.append(f"the steps do not run under plain autograd: {err!r}")
         return report
@@ -139,9 +192,16 @@ def check_reversible(
         except Exception as err:  # the check reports, it does not crash on the user's step
             report.failures.append(f"{name} reversible forward/backward raised {err!r}")
             continue
+        try:
+            two = _run(fresh(), (s0, s1), args, how, second)[1]
+        except Exception as err:
+            report.failures.append(f"{name} with two forwards before one backward raised "
+                                   f"{err!r}")
+            continue
         errs = {
             f"{name} output": _rel(out, ref_out),
             f"{name} gradients": _rel(grads, ref_grads),
+            f"{name} gradients, two forwards before one backward": _rel(two, ref_two),
             f"{name} buffers": _rel(buffers, ref_buffers),
         }
         for key, err in errs.items():

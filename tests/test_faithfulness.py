@@ -457,3 +457,48 @@ def test_exact_record_is_freed_by_the_backward_and_kept_without_a_graph():
         xN, vN = net(x, return_velocity=True)
     gc.collect()
     torch.testing.assert_close(net.inverse(xN, vN)[0], x.detach(), rtol=0, atol=2.0**-40)
+
+
+class _ReadsItsTarget(ReversibleStep):
+    """phi of slot 0 reads slot 0 itself, through what the coupling before it stashed."""
+
+    def __init__(self):
+        super().__init__()
+        self.F = nn.Sequential(nn.Linear(D, D), nn.Tanh()).double()
+        self.last = None
+
+    def couplings(self):
+        def g(o):
+            self.last = o.detach()
+            return torch.tanh(o)
+
+        def f(o):
+            return self.F(o) + 0.3 * torch.sin(self.last)
+        return (Coupling(1, phi=g), Coupling(0, phi=f))
+
+
+class _Changing(ReversibleStep):
+    def __init__(self):
+        super().__init__()
+        self.F, self.G = nn.Linear(D, D).double(), nn.Linear(D, D).double()
+        self.calls = 0
+
+    def couplings(self):
+        self.calls += 1
+        return (Coupling(0, phi=self.F if self.calls % 2 else self.G), Coupling(1, phi=self.F))
+
+
+def test_check_reversible_runs_two_forwards_and_asks_for_the_couplings_twice():
+    """Two false passes: a phi reading its target slot through hidden state passed (its
+    gradients are off by 0.88 with two forwards before one backward), and so did couplings()
+    that change at every call (the step's own inverse then misses by 1.5). A learned gamma,
+    whose couplings make 1 - gamma anew at each call, still passes."""
+    x = torch.randn(6, D, dtype=torch.float64)
+    hidden = mode.check_reversible([_ReadsItsTarget() for _ in range(2)], (x, 0.5 * x))
+    assert not hidden.ok and any("two forwards" in f for f in hidden.failures), hidden
+    changing = mode.check_reversible([_Changing()], (x, 0.5 * x))
+    assert not changing.ok and "second call" in changing.failures[0]
+    gamma = nn.Parameter(torch.tensor(0.8, dtype=torch.float64))
+    learned = mode.check_reversible([mode.MomentumStep(mlp(), gamma) for _ in range(3)],
+                                    (x, torch.zeros_like(x)))
+    assert learned.ok, learned
