@@ -43,7 +43,7 @@ from .datasets import (
     LOCAL_DATASETS,
     DataNotFoundError,
     InvalidDataError,
-    local_fingerprint,
+    local_files,
 )
 from .registry import (
     EXPERIMENTS,
@@ -225,8 +225,8 @@ def _run(args, names: list[str], rank: int = 0, world: int = 1) -> int:
             raise ValueError(f"--data-dir is read only with --dataset "
                              f"{' or '.join(LOCAL_DATASETS)} (the other datasets are made "
                              f"offline)")
-        if args.dataset in LOCAL_DATASETS:  # its files, before any experiment runs
-            local_fingerprint(args.dataset, args.data_dir)
+        if args.dataset in LOCAL_DATASETS:  # its files are there, before any experiment runs
+            local_files(args.dataset, args.data_dir)
         if world > 1:
             out = _share(out, rank)  # --fresh: rank 0's folder
             if rank != 0:

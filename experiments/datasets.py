@@ -32,20 +32,17 @@ import pickle
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["DATASETS", "LOCAL_DATASETS", "Dataset", "DataNotFoundError", "InvalidDataError",
-           "load_dataset", "local_fingerprint", "augment_crop_flip"]
+           "load_dataset", "local_files", "local_fingerprint", "augment_crop_flip"]
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "cifar10", "cifar100")
-
-
-#: The datasets read from a user's folder (``data_dir``); the others are made offline.
-LOCAL_DATASETS: tuple[str, ...] = ("cifar10", "cifar100")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -207,11 +204,32 @@ def _label_names(path: Path, key: bytes, n: int) -> list[str]:
     return [str(k) for k in range(n)]
 
 
+class _Layout(NamedTuple):
+    """A local dataset's files: its folder, training and test batches, label key, number of
+    classes, and meta file with the key of its class names."""
+
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    labels: bytes
+    classes: int
+    meta: str
+    names: bytes
+
+    @property
+    def files(self) -> list[str]:
+        return [*self.train, *self.test]
+
+
 _LAYOUTS = {
-    "cifar10": ("cifar-10-batches-py",
-                [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], "batches.meta"),
-    "cifar100": ("cifar-100-python", ["train", "test"], "meta"),
+    "cifar10": _Layout("cifar-10-batches-py", tuple(f"data_batch_{k}" for k in range(1, 6)),
+                       ("test_batch",), b"labels", 10, "batches.meta", b"label_names"),
+    "cifar100": _Layout("cifar-100-python", ("train",), ("test",), b"fine_labels", 100, "meta",
+                        b"fine_label_names"),
 }
+
+#: The datasets read from a user's folder (``data_dir``); the others are made offline.
+LOCAL_DATASETS: tuple[str, ...] = tuple(_LAYOUTS)
 
 
 def _split(paths: list[Path], key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,22 +243,21 @@ def _split(paths: list[Path], key: bytes, classes: int) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _cifar10(data_dir) -> Dataset:
-    folder, names, meta = _LAYOUTS["cifar10"]
-    paths = _cifar_files(data_dir, folder, names, "cifar10")
-    x_tr, y_tr = _split(paths[:5], b"labels", 10)
-    x_te, y_te = _split(paths[5:], b"labels", 10)
-    classes = _label_names(paths[0].parent / meta, b"label_names", 10)
-    return _make("cifar10", x_tr / 255.0, y_tr, x_te / 255.0, y_te, classes, augment=True)
+def local_files(name: str, data_dir) -> list[Path]:
+    """The batch files of the local dataset ``name`` under ``data_dir``; raises
+    :class:`DataNotFoundError` where they are missing (nothing is read)."""
+    layout = _LAYOUTS[name]
+    return _cifar_files(data_dir, layout.folder, layout.files, name)
 
 
-def _cifar100(data_dir) -> Dataset:
-    folder, names, meta = _LAYOUTS["cifar100"]
-    paths = _cifar_files(data_dir, folder, names, "cifar100")
-    x_tr, y_tr = _split(paths[:1], b"fine_labels", 100)
-    x_te, y_te = _split(paths[1:], b"fine_labels", 100)
-    classes = _label_names(paths[0].parent / meta, b"fine_label_names", 100)
-    return _make("cifar100", x_tr / 255.0, y_tr, x_te / 255.0, y_te, classes, augment=True)
+def _cifar(name: str, data_dir) -> Dataset:
+    layout = _LAYOUTS[name]
+    paths = local_files(name, data_dir)
+    n = len(layout.train)
+    x_tr, y_tr = _split(paths[:n], layout.labels, layout.classes)
+    x_te, y_te = _split(paths[n:], layout.labels, layout.classes)
+    classes = _label_names(paths[0].parent / layout.meta, layout.names, layout.classes)
+    return _make(name, x_tr / 255.0, y_tr, x_te / 255.0, y_te, classes, augment=True)
 
 
 def local_fingerprint(name: str, data_dir) -> str:
@@ -249,9 +266,8 @@ def local_fingerprint(name: str, data_dir) -> str:
     :class:`DataNotFoundError` where they are missing."""
     import hashlib
 
-    folder, names, meta = _LAYOUTS[name]
-    paths = _cifar_files(data_dir, folder, names, name)
-    paths += [p for p in (paths[0].parent / meta,) if p.is_file()]
+    paths = local_files(name, data_dir)
+    paths += [p for p in (paths[0].parent / _LAYOUTS[name].meta,) if p.is_file()]
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode() + b"\0")
@@ -267,10 +283,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         return _digits()
     if name == "mnist1d":
         return _mnist1d()
-    if name == "cifar10":
-        return _cifar10(data_dir)
-    if name == "cifar100":
-        return _cifar100(data_dir)
+    if name in _LAYOUTS:
+        return _cifar(name, data_dir)
     raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
 
 

@@ -852,7 +852,7 @@ def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Ten
     changed, else a tuple with one entry (or ``None``) per coupling of step ``i``."""
     rng = _RngRecorder(plan.devices)
     untouched: dict = {}
-    counts = []
+    marks_per_step = []
     for _, step, reads, couplings in _step_uses(plan):
         snaps, marks = [], []
         for c in couplings:
@@ -879,10 +879,10 @@ def _forward(plan: Plan, s: list[torch.Tensor], run_couplings) -> list[torch.Ten
             plan.fingerprints.record(s)
         if step.swap:
             s = [s[1], s[0]]
-        counts.append(marks)
+        marks_per_step.append(marks)
         plan.snapshots.append(tuple(snaps) if any(x is not None for x in snaps) else None)
     flat, plan.rng = iter(rng.finish()), []
-    for marks in counts:  # one recorded state per coupling with a residual function
+    for marks in marks_per_step:  # one recorded state per coupling with a residual function
         states = tuple(next(flat) if m else None for m in marks)
         plan.rng.append(states if any(x is not None for x in states) else None)
     if plan.versions is not None:
@@ -1586,9 +1586,7 @@ def _backward_coupling(plan, step, c, s, g, args, inputs, idx, grads, leaves, bu
         p = scaled_phi(c, other, args, _leaf(c.scale, leaves)) if c.phi is not None else None
     if p is not None and grad:
         _check_closure(step, p, [other, *inputs], other)
-    if not grad:
-        pass
-    elif not alpha_grad:
+    if grad and not alpha_grad:
         # The VJP first: phi's graph and its temporaries are freed before the reconstructed
         # state exists (the reconstruction needs only the detached p).
         _vjp(c, alpha, g, t, o, a, p, None, other, inputs, idx, grads, False)
@@ -1876,16 +1874,9 @@ def _hooked(phi) -> bool:
     (``skip_nnmodule_hook_guards``), so a hooked function would run another's graph without
     its hooks (a hook that changes the output: wrong gradients), and dynamo refuses backward
     hooks without compiled autograd."""
-    from torch.nn.modules import module as m
-
-    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-            or m._global_backward_pre_hooks):
-        return True
     owner = phi if isinstance(phi, nn.Module) else getattr(phi, "__self__", None)
-    if not isinstance(owner, nn.Module):
-        return False
-    return any(q._forward_hooks or q._forward_pre_hooks or q._backward_hooks
-               or q._backward_pre_hooks for q in owner.modules())
+    # (the signature's entries are empty tuples for empty process-wide hook dicts)
+    return any(_hook_signature(owner.modules() if isinstance(owner, nn.Module) else ()))
 
 
 def _compiled_coupling(c: Coupling, options: dict) -> Coupling:

@@ -184,16 +184,23 @@ def _check_t(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device)
 
 
+def _step_size(step) -> float:
+    """``options['step_size']`` as a float: a positive finite number or a one-element tensor
+    (not a bool, which ``float()`` would read as 1)."""
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, Real) or not (
+            math.isfinite(step) and step > 0):
+        raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
+    return float(step)
+
+
 def _check_torchdiffeq_options(options: dict | None, rtol, atol) -> None:
     """The options torchdiffeq would otherwise meet with an internal message (or read
     ``True`` as a step of 1): a step size, and the tolerances."""
     step = (options or {}).get("step_size")
     if step is not None:
-        if isinstance(step, torch.Tensor) and step.numel() == 1:
-            step = step.item()
-        if isinstance(step, bool) or not isinstance(step, Real) or not (
-                math.isfinite(step) and step > 0):
-            raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
+        _step_size(step)
     for name, tol in (("rtol", rtol), ("atol", atol)):
         values = tol.detach().reshape(-1).tolist() if isinstance(tol, torch.Tensor) else [tol]
         if any(isinstance(v, bool) or not isinstance(v, Real) or not (math.isfinite(v) and v >= 0)
@@ -461,11 +468,7 @@ def _momentum_options(options: dict | None, adjoint, frac_bits) -> tuple[float |
             "(it takes 'step_size' and, with adjoint='reversible', 'frac_bits')"
         )
     if step is not None:
-        if isinstance(step, torch.Tensor):
-            step = float(step)
-        if not isinstance(step, Real) or not (math.isfinite(step) and step > 0):
-            raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
-        step = float(step)
+        step = _step_size(step)
     if option_bits is not None:
         if frac_bits is not None and option_bits != frac_bits:
             raise ValueError(
